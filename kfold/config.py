@@ -1,0 +1,306 @@
+"""The typed recipe: nested dataclasses, presets, `--opts KEY VALUE` overrides and YAML round trip.
+
+Plain dataclasses + ``yaml.safe_load`` rather than a config framework: every value is parsed as YAML (never
+evaluated), checked against the field's annotation, and an unknown key names the closest real keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe key or value that does not fit the recipe; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/synthetic"
+    in_channels: int = 3  # 4 = RGB + normalised inverse depth
+    input_size: tuple[int, int] = (720, 960)  # (H, W) the image is resized to
+    crop_size: tuple[int, int] = (576, 768)  # random training crop of the resized image
+    hflip: float = 0.5
+    scale_limit: float = 0.1
+    rotate_limit: float = 5.0
+    color_jitter: float = 0.2
+    num_workers: int = 4
+    k_folds: int = 5
+    fold_seed: int = 42
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "fpn"  # fpn | deeplabv3plus
+    encoder: str = "tu-convnext_base"  # any smp encoder or timm encoder as "tu-<name>"
+    encoder_weights: str | None = "imagenet"
+    depth_head: bool = True
+
+
+@dataclass
+class LossConfig:
+    class_weights: dict[str, float] = field(default_factory=dict)  # class name -> weight (default 1)
+    boundary_weight: float = 1.0  # > 1 = boundary-aware CE
+    boundary_width: int = 1
+    ohem_fraction: float | None = None  # hard pixel mining: keep this top fraction of pixel losses
+    depth_loss: str = "l1"  # l1 | berhu | none
+    depth_weight: float = 0.1
+    weighting: str = "fixed"  # fixed | kendall
+    smoothness_weight: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    encoder_lr_scale: float = 1.0  # encoder lr = lr x this (two-rate optimiser when != 1)
+    freeze_encoder_epochs: int = 0
+    grad_clip: float | None = None
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 50
+    warmup_epochs: int = 0
+    warmup_lr_ratio: float = 0.01  # warm-up starts at lr x this
+    min_lr_ratio: float = 0.0  # cosine ends at lr x this
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 4
+    amp: str = "auto"  # auto (bf16 where supported, else fp16 on GPU, fp32 on CPU) | bf16 | fp16 | off
+    ema_decay: float = 0.999
+    ema_warmup: bool = False
+    select: str = "last"  # last | best: which EMA epoch becomes model.safetensors
+    seed: int = 42
+    max_steps_per_epoch: int | None = None
+    deterministic: bool = False
+
+
+@dataclass
+class TTAConfig:
+    scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
+    hflip: bool = True
+    temperatures: tuple[float, ...] = (0.7, 0.8, 0.9, 1.0)  # the per-temperature OOF table
+    temperature: float = 1.0  # the one used for the stored probabilities
+    max_batch: int = 8
+    stride: int = 32
+
+
+@dataclass
+class OOFConfig:
+    scale: float = 0.5  # stored probabilities are this fraction of the image size
+    batch_size: int = 2
+
+
+@dataclass
+class Recipe:
+    name: str = "exp"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tta: TTAConfig = field(default_factory=TTAConfig)
+    oof: OOFConfig = field(default_factory=OOFConfig)
+
+
+# Presets change only what makes a run CPU-sized; a recipe's own differences are applied on top of them.
+PRESETS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "demo": {
+        "data.input_size": (128, 160),
+        "data.crop_size": (128, 160),
+        "data.num_workers": 0,
+        "model.encoder": "resnet18",
+        "model.encoder_weights": None,
+        "optim.lr": 2e-3,
+        "schedule.epochs": 8,
+        "schedule.warmup_epochs": 1,
+        "train.batch_size": 16,
+        "train.ema_decay": 0.9,
+        "tta.scales": (0.75, 1.0, 1.25),
+        "tta.max_batch": 32,
+        "oof.batch_size": 16,
+    },
+    "smoke": {
+        "data.input_size": (64, 96),
+        "data.crop_size": (64, 96),
+        "data.num_workers": 0,
+        "model.encoder": "resnet18",
+        "model.encoder_weights": None,
+        "optim.lr": 1e-3,
+        "schedule.epochs": 2,
+        "train.batch_size": 4,
+        "train.ema_decay": 0.5,
+        "train.max_steps_per_epoch": 3,
+        "tta.scales": (1.0,),
+        "tta.max_batch": 16,
+        "oof.batch_size": 8,
+    },
+}
+
+
+def _field_types(obj: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(obj))
+
+
+def all_keys(recipe: Recipe | None = None) -> list[str]:
+    """Every dotted key of the recipe, e.g. ``optim.lr``."""
+    recipe = recipe or Recipe()
+    keys = []
+    for section in dataclasses.fields(recipe):
+        value = getattr(recipe, section.name)
+        if dataclasses.is_dataclass(value):
+            keys += [f"{section.name}.{f.name}" for f in dataclasses.fields(value)]
+        else:
+            keys.append(section.name)
+    return keys
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` (already parsed) against the annotation ``hint``; return it in the field's type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            value = [value] if args[-1] is Ellipsis else None
+        if value is None or (args[-1] is not Ellipsis and len(value) != len(args)):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        item_types = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+        return tuple(_coerce(v, t, key) for v, t in zip(value, item_types))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping like {{name: value}}, got {value!r}")
+        return {_coerce(k, args[0], key): _coerce(v, args[1], key) for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line value as YAML (``3e-4``, ``[0.5, 1.0]``, ``null``, ``true``); never evaluated."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    # YAML 1.1 reads "1e-4" as a string; accept it as the float a user means.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def set_key(recipe: Recipe, key: str, value: Any) -> None:
+    """Set the dotted ``key`` of ``recipe`` to ``value`` after type checking.
+
+    Args:
+        recipe: the recipe to change in place.
+        key: a dotted key such as ``optim.lr``.
+        value: a parsed value (see :func:`parse_value`).
+    """
+    keys = all_keys(recipe)
+    if key not in keys:
+        close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; keys are {', '.join(keys)}"
+        raise ConfigError(f"unknown recipe key {key!r}{hint}")
+    target: Any = recipe
+    *path, name = key.split(".")
+    for part in path:
+        target = getattr(target, part)
+    setattr(target, name, _coerce(value, _field_types(target)[name], key))
+
+
+def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
+    """Apply ``{dotted key: value}`` to ``recipe`` (in place) and return it."""
+    for key, value in overrides.items():
+        set_key(recipe, key, value)
+    return recipe
+
+
+def parse_opts(pairs: list[str]) -> dict[str, Any]:
+    """Turn ``--opts KEY VALUE KEY VALUE`` into ``{key: parsed value}``."""
+    if len(pairs) % 2:
+        raise ConfigError(f"--opts takes KEY VALUE pairs; {pairs[-1]!r} has no value")
+    return {pairs[i]: parse_value(pairs[i + 1]) for i in range(0, len(pairs), 2)}
+
+
+def build_recipe(base: dict[str, Any], preset: str = "full", opts: dict[str, Any] | None = None) -> Recipe:
+    """The resolved recipe: defaults, then the preset, then the experiment's ``base``, then ``opts``.
+
+    Args:
+        base: the experiment's own differences, as dotted keys.
+        preset: ``full``, ``demo`` or ``smoke``.
+        opts: command-line overrides, applied last.
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; presets are {', '.join(PRESETS)}")
+    recipe = apply_overrides(Recipe(), PRESETS[preset])
+    apply_overrides(recipe, base)
+    return apply_overrides(recipe, opts or {})
+
+
+def to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain YAML-able data (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(recipe))
+
+
+def from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Rebuild a recipe from :func:`to_dict` output (e.g. a run's ``config.yaml``), type-checked."""
+    recipe = Recipe()
+    for section, values in data.items():
+        if isinstance(values, dict) and dataclasses.is_dataclass(getattr(recipe, section, None)):
+            for name, value in values.items():
+                set_key(recipe, f"{section}.{name}", value)
+        else:
+            try:
+                set_key(recipe, section, values)
+            except ConfigError as err:
+                raise ConfigError(f"{source}: {err}") from None
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe from a ``config.yaml`` written by a run (its ``recipe`` section)."""
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, dict) or "recipe" not in data:
+        raise ConfigError(f"{path}: no 'recipe' section")
+    return from_dict(data["recipe"], source=str(path))

@@ -1,0 +1,72 @@
+"""Atomic file writes: a temporary name in the same folder, fsync, then rename.
+
+A crash never leaves a half-written file under its final name, so a file that exists is whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` when the block succeeds.
+
+    Args:
+        path: the final file name. Its folder is created when missing.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write an image array to a PNG atomically.
+
+    Args:
+        path: destination ``.png``.
+        array: (H, W, 3) uint8 RGB, (H, W) uint8 labels or (H, W) uint16 depth.
+    """
+    if array.dtype == np.uint16:
+        image = Image.fromarray(array, mode="I;16") if array.ndim == 2 else None
+    else:
+        image = Image.fromarray(array)
+    if image is None:
+        raise ValueError(f"{path}: a uint16 PNG must be single-channel, got shape {array.shape}")
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Save ``array`` as ``.npy`` atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
