@@ -24,4 +24,4 @@ bench: $(STAMP)
 	$(PY) bench/run_all.py --quick
 
 clean-runs:
-	rm -rf runs data/synthetic submissions/*.csv submissions/*.json submissions/plots
+	rm -rf runs data/synthetic submissions/*.csv submissions/*.json submissions/*.lock submissions/plots

@@ -56,12 +56,10 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
         path: destination ``.png``.
         array: (H, W, 3) uint8 RGB, (H, W) uint8 labels or (H, W) uint16 depth.
     """
-    if array.dtype == np.uint16:
-        image = Image.fromarray(array, mode="I;16") if array.ndim == 2 else None
-    else:
-        image = Image.fromarray(array)
-    if image is None:
+    if array.dtype == np.uint16 and array.ndim != 2:
         raise ValueError(f"{path}: a uint16 PNG must be single-channel, got shape {array.shape}")
+    # Pillow picks mode I;16 for little-endian uint16 by itself.
+    image = Image.fromarray(array.astype("<u2", copy=False) if array.dtype == np.uint16 else array)
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
 

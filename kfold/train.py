@@ -1,0 +1,303 @@
+"""Training of one fold: optimiser, warm-up + cosine, AMP, EMA, per-epoch validation, exact resume."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from kfold.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    save_weights,
+    set_rng_state,
+    write_metrics,
+)
+from kfold.config import Recipe
+from kfold.data.dataset import SegmentationDataset
+from kfold.data.layout import DataRoot
+from kfold.data.transforms import eval_transform, train_transform
+from kfold.distributed import DistInfo, all_reduce_sum
+from kfold.losses import SegDepthLoss
+from kfold.metrics import DepthMeter, confusion_matrix_torch, iou_per_class, mean_iou, pixel_accuracy
+from kfold.models import build_model, load_weights
+
+log = logging.getLogger("kfold")
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """Seeds the augmentation of every sample from (seed, epoch, index).
+
+    Augmentations then do not depend on worker count or on where a run was resumed, which is what makes
+    ``--resume`` reproduce an uninterrupted run exactly.
+    """
+
+    def __init__(self, dataset: SegmentationDataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        self.dataset.transform.reseed(hash((self.seed, self.epoch, index)) % 2**32)
+        return self.dataset[index]
+
+
+def build_loss(recipe: Recipe, classes: Sequence[str]) -> SegDepthLoss:
+    """The recipe's loss; class weights are given by class name and must name real classes."""
+    unknown = sorted(set(recipe.loss.class_weights) - set(classes))
+    if unknown:
+        raise ValueError(f"loss.class_weights: unknown class {unknown[0]!r}; classes are {', '.join(classes)}")
+    weights = [recipe.loss.class_weights.get(name, 1.0) for name in classes]
+    cfg = recipe.loss
+    return SegDepthLoss(
+        num_classes=len(classes), class_weights=weights if any(w != 1.0 for w in weights) else None,
+        boundary_weight=cfg.boundary_weight, boundary_width=cfg.boundary_width, ohem_fraction=cfg.ohem_fraction,
+        depth_loss=cfg.depth_loss if recipe.model.depth_head else "none", depth_weight=cfg.depth_weight,
+        weighting=cfg.weighting, smoothness_weight=cfg.smoothness_weight)
+
+
+def build_optimizer(model: nn.Module, loss_fn: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """AdamW or SGD with two parameter groups: the encoder (lr x encoder_lr_scale) and the rest."""
+    cfg = recipe.optim
+    encoder_ids = {id(p) for p in model.encoder.parameters()}
+    rest = [p for p in model.parameters() if id(p) not in encoder_ids] + list(loss_fn.parameters())
+    groups = [{"params": list(model.encoder.parameters()), "lr": cfg.lr * cfg.encoder_lr_scale, "name": "encoder"},
+              {"params": rest, "lr": cfg.lr, "name": "decoder"}]
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.momentum > 0)
+    raise ValueError(f"optim.name: unknown optimiser {cfg.name!r}; choose adamw or sgd")
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, warmup_ratio: float, min_ratio: float) -> float:
+    """The lr multiplier at ``step``: linear from ``warmup_ratio`` to 1, then cosine down to ``min_ratio``."""
+    if step < warmup_steps:
+        return warmup_ratio + (1.0 - warmup_ratio) * step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: None (fp32) on CPU or when off; bf16 where the GPU supports it, else fp16."""
+    if device.type != "cuda" or setting == "off":
+        return None
+    if setting == "fp16" or (setting == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def split_outputs(outputs: torch.Tensor | tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return (outputs[0], outputs[1]) if isinstance(outputs, tuple) else (outputs, None)
+
+
+@dataclass
+class FoldData:
+    train_loader: DataLoader
+    val_loader: DataLoader
+    train_samples: SeededSamples
+
+
+def build_loaders(recipe: Recipe, root: DataRoot, train_ids: Sequence[str], val_ids: Sequence[str],
+                  dist: DistInfo) -> FoldData:
+    """Training loader (DistributedSampler under torchrun) and this rank's unpadded share of validation."""
+    d = recipe.data
+    train_set = SegmentationDataset(
+        root, "train", train_ids, in_channels=d.in_channels,
+        transform=train_transform(d.input_size, d.crop_size, hflip=d.hflip, scale_limit=d.scale_limit,
+                                  rotate_limit=d.rotate_limit, color_jitter=d.color_jitter))
+    samples = SeededSamples(train_set, recipe.train.seed)
+    sampler = DistributedSampler(samples, dist.world_size, dist.rank, shuffle=True, seed=recipe.train.seed,
+                                 drop_last=True) if dist.enabled else None
+    generator = torch.Generator().manual_seed(recipe.train.seed)
+    per_rank_batch = max(1, recipe.train.batch_size // dist.world_size)
+    train_loader = DataLoader(samples, batch_size=per_rank_batch, shuffle=sampler is None, sampler=sampler,
+                              generator=generator, num_workers=d.num_workers, drop_last=True,
+                              pin_memory=dist.device.type == "cuda", persistent_workers=False)
+    # Each rank validates a disjoint slice, so every image counts exactly once (a DistributedSampler
+    # would pad by repeating images and bias the metrics).
+    val_share = list(val_ids)[dist.rank::dist.world_size]
+    val_set = SegmentationDataset(root, "train", val_share, in_channels=d.in_channels,
+                                  transform=eval_transform(d.input_size))
+    val_loader = DataLoader(val_set, batch_size=recipe.oof.batch_size, num_workers=d.num_workers)
+    return FoldData(train_loader, val_loader, samples)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
+             autocast: torch.dtype | None) -> dict[str, float | list[float]]:
+    """mIoU, pixel accuracy, per-class IoU and depth metrics at full label resolution, summed over ranks."""
+    model.eval()
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    depth_meter = DepthMeter(device)
+    for batch in loader:
+        image, label = batch["image"].to(device), batch["label"].to(device)
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            seg, depth = split_outputs(model(image))
+        seg = nn.functional.interpolate(seg.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
+        cm += confusion_matrix_torch(label, seg.argmax(1), num_classes)
+        if depth is not None:
+            depth_meter.update(depth.float(), batch["depth"].to(device))
+    all_reduce_sum(cm)
+    all_reduce_sum(depth_meter.state)
+    metrics: dict[str, float | list[float]] = {"miou": mean_iou(cm), "pixel_acc": pixel_accuracy(cm),
+                                               "iou": iou_per_class(cm).tolist()}
+    if depth_meter.state[0] > 0:
+        metrics.update({f"depth_{k}": v for k, v in depth_meter.compute().items()})
+    return metrics
+
+
+def train_one_epoch(model: nn.Module, train_model: nn.Module, ema: ModelEmaV3, loss_fn: SegDepthLoss,
+                    optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler | None,
+                    loader: DataLoader, recipe: Recipe, epoch: int, device: torch.device,
+                    autocast: torch.dtype | None, show: bool) -> dict[str, float]:
+    """One pass over the training loader; returns the mean of each loss part."""
+    train_model.train()
+    frozen = epoch < recipe.optim.freeze_encoder_epochs
+    if frozen:
+        model.encoder.eval()  # frozen means frozen: no BatchNorm statistics drift either
+    steps = min(len(loader), recipe.train.max_steps_per_epoch or len(loader))
+    sums: dict[str, float] = {}
+    start, seen = time.perf_counter(), 0
+    bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{recipe.schedule.epochs}", disable=not show,
+               leave=False, dynamic_ncols=True)
+    for step, batch in enumerate(bar):
+        if step >= steps:
+            break
+        image, label, depth = (batch[k].to(device, non_blocking=True) for k in ("image", "label", "depth"))
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            seg, depth_pred = split_outputs(train_model(image))
+        loss, parts = loss_fn(seg.float(), None if depth_pred is None else depth_pred.float(), label, depth, image)
+        if not torch.isfinite(loss) and scaler is None:
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                                     "the last good checkpoint is last.pt")
+        optimizer.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler else loss).backward()
+        if recipe.optim.grad_clip:
+            if scaler:
+                scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        ema.update(model, step=scheduler.last_epoch)
+        for key, value in parts.items():
+            sums[key] = sums.get(key, 0.0) + value
+        seen += image.shape[0]
+        bar.set_postfix(loss=f"{parts['total']:.3f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}",
+                        img_s=f"{seen / (time.perf_counter() - start):.1f}")
+    means = {f"train_{k}": v / max(1, steps) for k, v in sums.items()}
+    means["images_per_s"] = seen / (time.perf_counter() - start)
+    return means
+
+
+
+
+def fit_fold(recipe: Recipe, root: DataRoot, run_dir: Path, train_ids: Sequence[str], val_ids: Sequence[str],
+             dist: DistInfo, resume: bool = False, weights_path: str | None = None) -> list[dict]:
+    """Train one fold and write ``metrics.csv``, ``last.pt`` (every epoch) and ``model.safetensors`` (EMA).
+
+    Args:
+        recipe: the resolved recipe.
+        root: the dataset root.
+        run_dir: ``runs/<experiment>/fold<k>``.
+        train_ids, val_ids: this fold's training and validation image ids.
+        dist: process-group facts (a single process when not under torchrun).
+        resume: continue from ``run_dir/last.pt`` when it exists.
+        weights_path: initial weights (safetensors or checkpoint); ignored when resuming.
+
+    Returns:
+        One metrics row per epoch.
+    """
+    device, cfg = dist.device, recipe.train
+    torch.manual_seed(cfg.seed)
+    model = build_model(recipe.model.arch, recipe.model.encoder, recipe.model.encoder_weights,
+                        recipe.data.in_channels, root.num_classes, recipe.model.depth_head).to(device)
+    if weights_path:
+        load_weights(model, weights_path)
+    loss_fn = build_loss(recipe, root.classes).to(device)
+    optimizer = build_optimizer(model, loss_fn, recipe)
+    data = build_loaders(recipe, root, train_ids, val_ids, dist)
+    steps_per_epoch = min(len(data.train_loader), cfg.max_steps_per_epoch or len(data.train_loader))
+    s = recipe.schedule
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
+        warmup_cosine, total_steps=steps_per_epoch * s.epochs, warmup_steps=steps_per_epoch * s.warmup_epochs,
+        warmup_ratio=s.warmup_lr_ratio, min_ratio=s.min_lr_ratio))
+    autocast = amp_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler("cuda") if autocast == torch.float16 else None
+    ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup)
+    rows, start_epoch, best_miou = [], 0, -math.inf
+    if resume and (run_dir / "last.pt").exists():
+        state = load_checkpoint(run_dir / "last.pt", device)
+        model.load_state_dict(state["model"])
+        ema.module.load_state_dict(state["ema"])
+        loss_fn.load_state_dict(state["loss"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start_epoch, best_miou, rows = state["epoch"], state["best_miou"], list(state["rows"])
+        log.info("resumed %s at epoch %d", run_dir, start_epoch)
+    train_model: nn.Module = model
+    for epoch in range(start_epoch, s.epochs):
+        frozen = epoch < recipe.optim.freeze_encoder_epochs
+        for param in model.encoder.parameters():
+            param.requires_grad_(not frozen)
+        if dist.enabled and (epoch == start_epoch or epoch == recipe.optim.freeze_encoder_epochs):
+            # DDP fixes its set of trainable parameters when wrapped: wrap again when freezing changes.
+            train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        torch.manual_seed(hash((cfg.seed, epoch)) % 2**63)
+        data.train_samples.epoch = epoch
+        data.train_loader.generator.manual_seed(hash((cfg.seed, epoch, "order")) % 2**63)
+        if isinstance(data.train_loader.sampler, DistributedSampler):
+            data.train_loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(model, train_model, ema, loss_fn, optimizer, scheduler, scaler, data.train_loader,
+                                recipe, epoch, device, autocast, show=dist.is_main)
+        val = evaluate(ema.module, data.val_loader, root.num_classes, device, autocast)
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"], **stats,
+               "val_miou": val.pop("miou"), "val_pixel_acc": val.pop("pixel_acc"),
+               **{f"val_{k}": v for k, v in val.items() if k != "iou"},
+               **{f"iou_{name}": iou for name, iou in zip(root.classes, val["iou"])}}
+        rows.append(row)
+        improved = row["val_miou"] > best_miou
+        best_miou = max(best_miou, row["val_miou"])
+        if dist.is_main:
+            log.info("epoch %d/%d loss %.4f val mIoU %.4f pixel acc %.4f (%.1f img/s)", epoch + 1, s.epochs,
+                     row.get("train_total", float("nan")), row["val_miou"], row["val_pixel_acc"],
+                     row["images_per_s"])
+            write_metrics(run_dir / "metrics.csv", rows)
+            if cfg.select == "best" and improved:
+                save_weights(run_dir / "best.safetensors", ema.module, {"epoch": str(epoch + 1)})
+            save_checkpoint(run_dir / "last.pt", model=model.state_dict(), ema=ema.module.state_dict(),
+                            loss=loss_fn.state_dict(), optimizer=optimizer.state_dict(),
+                            scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else {},
+                            epoch=epoch + 1, best_miou=best_miou, rows=rows, rng=rng_state())
+    if dist.is_main:
+        finalize_weights(run_dir, ema.module, cfg.select, rows)
+    return rows
+
+
+def finalize_weights(run_dir: Path, ema_model: nn.Module, select: str, rows: list[dict]) -> None:
+    """Write ``model.safetensors``: the last EMA weights, or the best epoch's when the recipe opts in."""
+    if select == "best" and (run_dir / "best.safetensors").exists():
+        (run_dir / "best.safetensors").replace(run_dir / "model.safetensors")
+        return
+    save_weights(run_dir / "model.safetensors", ema_model, {"epoch": str(len(rows)), "select": "last"})
