@@ -116,7 +116,7 @@ def run_fold(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[str, int],
              dist: DistInfo) -> None:
     """Train (unless ``--predict-only``) and predict one fold."""
     from kfold.predict import predict_fold  # prediction pulls in tta; keep `--help` fast
-    from kfold.train import fit_fold
+    from kfold.train import amp_dtype, fit_fold
 
     run_dir = Path(args.out) / recipe.name / f"fold{fold}"
     train_ids = [i for i in root.train_ids if fold_of[i] != fold]
@@ -138,7 +138,7 @@ def run_fold(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[str, int],
                             root.num_classes, recipe.model.depth_head).to(dist.device)
         load_weights(model, weights)
         result = predict_fold(model, recipe, root, fold, val_ids, run_dir, dist.device, folds_sha256(root),
-                              recipe.name)
+                              recipe.name, amp=amp_dtype(recipe.train.amp, dist.device))
         log.info("%s fold %d: OOF mIoU %.4f (TTA, full resolution)", recipe.name, fold, result["oof_miou"])
     barrier()
 

@@ -173,8 +173,8 @@ def train_one_epoch(model: nn.Module, train_model: nn.Module, ema: ModelEmaV3, l
     steps = min(len(loader), recipe.train.max_steps_per_epoch or len(loader))
     sums: dict[str, float] = {}
     start, seen = time.perf_counter(), 0
-    bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{recipe.schedule.epochs}", disable=not show,
-               leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{recipe.schedule.epochs}", leave=False,
+               disable=None if show else True, dynamic_ncols=True)
     for step, batch in enumerate(bar):
         if step >= steps:
             break

@@ -1,0 +1,412 @@
+"""The OOF store of one experiment: its folds' ``oof.npy`` as one memory-mapped view in train-id order.
+
+Every check runs before anything is scored (fold complete, each train id exactly once, one folds.csv,
+matching classes / sizes / shapes), and every problem is a one-line :class:`StoreError` naming the
+experiment, the fold and the file or id at fault. Arrays are read a chunk at a time, never whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kfold.data.layout import DataError, DataRoot, open_root, read_label
+from kfold.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
+from kfold.splits import FOLDS_FILE, folds_sha256, read_folds
+from tta import apply_temperature
+
+MANIFEST = "manifest.json"
+STORE_DTYPE = "float16"
+FOLD_DIR = re.compile(r"fold(\d+)")
+PROB_TOL = 1e-3  # float16 rounding and bilinear resizing keep values in [0, 1] up to this
+SUM_TOL = 1e-2  # ... and class sums at 1 up to this
+_SAME_ACROSS_FOLDS = ("folds_sha256", "classes", "oof_scale", "store_size", "image_size", "dtype", "k_folds")
+
+
+class StoreError(ValueError):
+    """An experiment's OOF store is incomplete or inconsistent; the message is one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+def fold_dirs(exp_dir: Path) -> dict[int, Path]:
+    """``{fold: folder}`` of the ``fold<k>`` folders of an experiment folder."""
+    if not exp_dir.is_dir():
+        return {}
+    found = {}
+    for entry in exp_dir.iterdir():
+        match = FOLD_DIR.fullmatch(entry.name)
+        if match and entry.is_dir():
+            found[int(match.group(1))] = entry
+    return dict(sorted(found.items()))
+
+
+def list_experiments(runs_dir: str | Path) -> list[str]:
+    """Sorted names of the experiments under ``runs_dir`` that have at least one ``fold<k>`` folder."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return []
+    return sorted(p.name for p in runs_dir.iterdir() if p.is_dir() and fold_dirs(p))
+
+
+def read_ids(path: Path) -> list[str]:
+    """Ids of an ``*_ids.txt`` file, one per line (blank lines skipped)."""
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+@dataclass
+class FoldArrays:
+    """One fold's memory-mapped arrays and row ids."""
+
+    fold: int
+    path: Path
+    manifest: dict[str, Any] = field(repr=False)
+    oof_ids: list[str] = field(repr=False)
+    test_ids: list[str] = field(repr=False)
+    oof: np.ndarray = field(repr=False)
+    test: np.ndarray = field(repr=False)
+
+
+@dataclass
+class ExperimentStore:
+    """A checked experiment store; see :func:`open_experiment`.
+
+    Args:
+        name: experiment name. classes / num_classes: the class set. folds: k.
+        ids: sorted train ids. fold_of: train id -> fold. oof_index: train id -> (fold, row in oof.npy).
+        image_size / store_size: (H, W) of the labels and of the stored probabilities.
+        folds_sha256 / data_root: the folds.csv digest and the dataset root recorded by the folds.
+        test_ids: test ids in the row order shared by every fold's test.npy.
+    """
+
+    name: str
+    path: Path
+    classes: tuple[str, ...]
+    folds: int
+    ids: tuple[str, ...] = field(repr=False)
+    fold_of: dict[str, int] = field(repr=False)
+    oof_index: dict[str, tuple[int, int]] = field(repr=False)
+    image_size: tuple[int, int]
+    store_size: tuple[int, int]
+    oof_scale: float
+    folds_sha256: str
+    data_root: str
+    test_ids: tuple[str, ...] = field(repr=False)
+    fold_arrays: list[FoldArrays] = field(repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def manifest(self, fold: int) -> dict[str, Any]:
+        """The manifest of ``fold``."""
+        return self.fold_arrays[fold].manifest
+
+    def _check(self, probs: np.ndarray, fold: int, rows: Sequence[int], ids: Sequence[str], split: str) -> None:
+        """Raise a StoreError naming the fold and id of the first row with NaN / out-of-range values."""
+        axes = tuple(range(1, probs.ndim))
+        sums = probs.sum(axis=1)
+        bad = {
+            "NaN or infinite": ~np.isfinite(probs).all(axis=axes),
+            "negative": (probs < -PROB_TOL).any(axis=axes),
+            "> 1": (probs > 1 + PROB_TOL).any(axis=axes),
+            "class sums away from 1": (np.abs(sums - 1) > SUM_TOL).any(axis=tuple(range(1, sums.ndim))),
+        }
+        flagged = [(int(np.flatnonzero(mask)[0]), what) for what, mask in bad.items() if mask.any()]
+        if flagged:
+            i, what = min(flagged, key=lambda x: x[0])  # first bad row; NaN before range before sums
+            arrays = self.fold_arrays[fold]
+            file = arrays.path / arrays.manifest[split]["file"]
+            raise StoreError(f"{self.name} fold {fold}: {file} row {rows[i]} (id {ids[i]!r}): {what} probabilities")
+
+    def iter_oof(
+        self, chunk: int = 64, ids: Sequence[str] | None = None, check: bool = False
+    ) -> Iterator[tuple[list[str], np.ndarray]]:
+        """Yield ``(ids, probs)`` with float32 probabilities (n, C, h, w), ``chunk`` images at a time.
+
+        Args:
+            chunk: images per step (peak memory ~ one chunk).
+            ids: train ids to read, in this order (default: all, sorted).
+            check: raise a StoreError on NaN, negative, > 1 values or class sums away from 1.
+        """
+        ids = list(self.ids if ids is None else ids)
+        unknown = next((i for i in ids if i not in self.oof_index), None)
+        if unknown is not None:
+            raise StoreError(f"{self.name}: id {unknown!r} is not a train id of this store")
+        C, (h, w) = self.num_classes, self.store_size
+        for start in range(0, len(ids), chunk):
+            part = ids[start : start + chunk]
+            out = np.empty((len(part), C, h, w), dtype=np.float32)
+            where = np.asarray([self.oof_index[i] for i in part], dtype=np.int64).reshape(-1, 2)
+            for fold in np.unique(where[:, 0]):
+                pos = np.flatnonzero(where[:, 0] == fold)
+                pos = pos[np.argsort(where[pos, 1])]  # ascending rows: one forward sweep over the memmap
+                rows = where[pos, 1]
+                block = np.asarray(self.fold_arrays[fold].oof[rows], dtype=np.float32)
+                if check:
+                    self._check(block, int(fold), rows.tolist(), [part[p] for p in pos], "oof")
+                out[pos] = block
+            yield part, out
+
+    def iter_test(self, chunk: int = 64, check: bool = False) -> Iterator[tuple[list[str], np.ndarray]]:
+        """Yield ``(ids, probs)``: float32 test probabilities averaged over the fold models, chunk by chunk.
+
+        Args:
+            chunk: images per step.
+            check: validate every fold's rows as in :meth:`iter_oof`.
+        """
+        for start in range(0, len(self.test_ids), chunk):
+            part = list(self.test_ids[start : start + chunk])
+            acc = np.zeros((len(part), self.num_classes, *self.store_size), dtype=np.float32)
+            for arrays in self.fold_arrays:
+                block = np.asarray(arrays.test[start : start + len(part)], dtype=np.float32)
+                if check:
+                    self._check(block, arrays.fold, range(start, start + len(part)), part, "test")
+                acc += block
+            yield part, acc / len(self.fold_arrays)
+
+    def check_values(self, chunk: int = 64) -> None:
+        """Read every OOF and test row once, chunk by chunk, and raise a StoreError on bad values."""
+        for _ in self.iter_oof(chunk, check=True):
+            pass
+        for _ in self.iter_test(chunk, check=True):
+            pass
+
+
+def _load_manifest(name: str, fold: int, path: Path) -> dict[str, Any]:
+    file = path / MANIFEST
+    if not file.is_file():
+        raise StoreError(f"{name} fold {fold}: {file} missing (fold not complete)")
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise StoreError(f"{name} fold {fold}: {file} unreadable ({err})") from None
+    if not isinstance(manifest, dict):
+        raise StoreError(f"{name} fold {fold}: {file} is not a JSON object")
+    if manifest.get("status") != "complete":
+        raise StoreError(f"{name} fold {fold}: {file} status {manifest.get('status')!r} (fold not complete)")
+    missing = [k for k in ("fold", "classes", "store_size", "image_size", "oof", "test", "folds_sha256")
+               if k not in manifest]
+    if missing:
+        raise StoreError(f"{name} fold {fold}: {file} has no key {missing[0]!r}")
+    if manifest["fold"] != fold:
+        raise StoreError(f"{name} fold {fold}: {file} says fold {manifest['fold']!r}")
+    return manifest
+
+
+def _load_split(name: str, fold: int, path: Path, manifest: dict[str, Any], split: str) -> tuple[np.ndarray, list[str]]:
+    """Open ``<split>.npy`` read-only and check it against the manifest and its ids file."""
+    info = manifest[split]
+    where = f"{name} fold {fold}:"
+    try:
+        file, ids_file, shape = path / info["file"], path / info["ids_file"], tuple(info["shape"])
+    except (KeyError, TypeError):
+        raise StoreError(f"{where} {path / MANIFEST}: '{split}' needs file, ids_file and shape") from None
+    if not file.is_file():
+        raise StoreError(f"{where} {file} missing")
+    if not ids_file.is_file():
+        raise StoreError(f"{where} {ids_file} missing")
+    try:
+        array = np.load(file, mmap_mode="r")
+    except (OSError, ValueError) as err:
+        raise StoreError(f"{where} {file} unreadable ({err})") from None
+    if array.dtype != np.dtype(manifest.get("dtype", STORE_DTYPE)) or array.dtype != np.dtype(STORE_DTYPE):
+        raise StoreError(f"{where} {file} dtype {array.dtype}, manifest and store say {STORE_DTYPE}")
+    expected = (len(manifest["classes"]), *manifest["store_size"])
+    if array.shape != shape or array.shape[1:] != expected:
+        raise StoreError(f"{where} {file} shape {array.shape}, manifest says {shape} (N, {expected})")
+    ids = read_ids(ids_file)
+    if len(ids) != array.shape[0]:
+        raise StoreError(f"{where} {ids_file} lists {len(ids)} ids for {array.shape[0]} rows of {file.name}")
+    seen: set[str] = set()
+    for image_id in ids:
+        if image_id in seen:
+            raise StoreError(f"{where} {ids_file} lists id {image_id!r} twice")
+        seen.add(image_id)
+    return array, ids
+
+
+def _root_folds(data_root: str, sha256: str) -> dict[str, int] | None:
+    """The recorded folds.csv when the data root is still there with the same digest, else None."""
+    if not data_root or not (Path(data_root) / FOLDS_FILE).is_file():
+        return None
+    try:
+        root = open_root(data_root, verify=False)
+        if folds_sha256(root) != sha256:
+            return None
+        return read_folds(root)
+    except DataError:
+        return None  # a moved or edited root: the store's own checks still hold
+
+
+def open_experiment(runs_dir: str | Path, name: str, k: int | None = None) -> ExperimentStore:
+    """Open and check one experiment's OOF store (``runs_dir/name/fold<k>/``).
+
+    Args:
+        runs_dir: folder of the experiments (``runs/``).
+        name: experiment name.
+        k: expected number of folds; default: the ``k_folds`` the manifests record (else the folders).
+
+    Returns:
+        the checked :class:`ExperimentStore`; any problem is a one-line StoreError.
+    """
+    exp_dir = Path(runs_dir) / name
+    found = fold_dirs(exp_dir)
+    if not found:
+        raise StoreError(f"{name}: no fold<k> folders in {exp_dir}")
+    first: dict[str, Any] = {}
+    for path in found.values():
+        with contextlib.suppress(OSError, ValueError):
+            first = json.loads((path / MANIFEST).read_text())
+            break
+    recorded = first.get("k_folds") if isinstance(first, dict) else None
+    if recorded is None and isinstance(first, dict):
+        # A manifest without k_folds: the dataset root's folds.csv (same digest) still knows k.
+        root_folds = _root_folds(str(first.get("data_root", "")), str(first.get("folds_sha256", "")))
+        recorded = max(root_folds.values()) + 1 if root_folds else None
+    if k is not None and recorded is not None and k != recorded:
+        raise StoreError(f"{name}: expected {k} folds, manifests record k_folds={recorded}")
+    k = k or recorded or max(found) + 1
+    extra = [f for f in found if f >= k]
+    if extra:
+        raise StoreError(f"{name} fold {extra[0]}: {found[extra[0]]} is beyond k={k} folds")
+
+    arrays: list[FoldArrays] = []
+    for fold in range(k):
+        path = exp_dir / f"fold{fold}"
+        manifest = _load_manifest(name, fold, path)
+        if arrays:
+            ref = arrays[0].manifest
+            for key in _SAME_ACROSS_FOLDS:
+                if manifest.get(key) != ref.get(key):
+                    raise StoreError(f"{name} fold {fold}: {path / MANIFEST} {key} {manifest.get(key)!r} "
+                                     f"differs from fold 0's {ref.get(key)!r}")
+        oof, oof_ids = _load_split(name, fold, path, manifest, "oof")
+        test, test_ids = _load_split(name, fold, path, manifest, "test")
+        if arrays and test_ids != arrays[0].test_ids:
+            at = next((i for i, (a, b) in enumerate(zip(test_ids, arrays[0].test_ids)) if a != b),
+                      min(len(test_ids), len(arrays[0].test_ids)))
+            raise StoreError(f"{name} fold {fold}: {path / manifest['test']['ids_file']} differs from fold 0's "
+                             f"test ids at row {at} ({len(test_ids)} vs {len(arrays[0].test_ids)} ids)")
+        arrays.append(FoldArrays(fold, path, manifest, oof_ids, test_ids, oof, test))
+
+    oof_index: dict[str, tuple[int, int]] = {}
+    for fa in arrays:
+        for row, image_id in enumerate(fa.oof_ids):
+            if image_id in oof_index:
+                raise StoreError(f"{name} fold {fa.fold}: id {image_id!r} in {fa.path / 'oof_ids.txt'} is also "
+                                 f"in fold {oof_index[image_id][0]}")
+            oof_index[image_id] = (fa.fold, row)
+    ref = arrays[0].manifest
+    n_train = ref.get("n_train")
+    if n_train is not None and len(oof_index) != n_train:
+        raise StoreError(f"{name}: the folds' oof_ids.txt cover {len(oof_index)} train ids, manifests record {n_train}")
+    recorded_folds = _root_folds(str(ref.get("data_root", "")), ref["folds_sha256"])
+    if recorded_folds is not None:
+        for image_id, fold in recorded_folds.items():
+            if image_id not in oof_index:
+                raise StoreError(f"{name} fold {fold}: train id {image_id!r} missing from "
+                                 f"{exp_dir / f'fold{fold}' / 'oof_ids.txt'}")
+            if oof_index[image_id][0] != fold:
+                raise StoreError(f"{name} fold {oof_index[image_id][0]}: id {image_id!r} belongs to fold {fold} "
+                                 f"in {Path(ref['data_root']) / FOLDS_FILE}")
+        extra_id = next((i for i in oof_index if i not in recorded_folds), None)
+        if extra_id is not None:
+            raise StoreError(f"{name} fold {oof_index[extra_id][0]}: id {extra_id!r} is not in "
+                             f"{Path(ref['data_root']) / FOLDS_FILE}")
+
+    ids = tuple(sorted(oof_index))
+    return ExperimentStore(
+        name=name,
+        path=exp_dir,
+        classes=tuple(ref["classes"]),
+        folds=k,
+        ids=ids,
+        fold_of={i: oof_index[i][0] for i in ids},
+        oof_index={i: oof_index[i] for i in ids},
+        image_size=tuple(ref["image_size"]),
+        store_size=tuple(ref["store_size"]),
+        oof_scale=float(ref.get("oof_scale", 0.0)),
+        folds_sha256=ref["folds_sha256"],
+        data_root=str(ref.get("data_root", "")),
+        test_ids=tuple(arrays[0].test_ids),
+        fold_arrays=arrays,
+    )
+
+
+def full_res_argmax(probs: Tensor, size: tuple[int, int], temperature: float = 1.0, batch: int = 8) -> Tensor:
+    """Class ids at full label resolution: bilinear upsampling of the probabilities, then argmax.
+
+    Args:
+        probs: (n, C, h, w) probabilities (any float dtype).
+        size: (H, W) of the labels.
+        temperature: re-temper the probabilities first (1.0: as they are).
+        batch: images upsampled at once (bounds the (batch, C, H, W) float32 temporary).
+
+    Returns:
+        uint8 (n, H, W) tensor on the input's device.
+    """
+    out = torch.empty((probs.shape[0], *size), dtype=torch.uint8, device=probs.device)
+    for start in range(0, probs.shape[0], batch):
+        p = probs[start : start + batch].float()
+        if temperature != 1.0:
+            p = apply_temperature(p, temperature)
+        if tuple(p.shape[-2:]) != tuple(size):
+            p = F.interpolate(p, size=tuple(size), mode="bilinear", align_corners=False)
+        out[start : start + batch] = p.argmax(dim=1).to(torch.uint8)
+    return out
+
+
+def _as_root(root: DataRoot | str | Path | None, store: ExperimentStore) -> DataRoot:
+    if isinstance(root, DataRoot):
+        return root
+    return open_root(root if root is not None else store.data_root, verify=False)
+
+
+def score_experiment(
+    store: ExperimentStore, root: DataRoot | str | Path | None = None, chunk: int = 64, temperature: float = 1.0
+) -> dict[str, Any]:
+    """OOF mIoU of a store at full label resolution (one confusion matrix over every train image).
+
+    Args:
+        store: an opened experiment.
+        root: the dataset root with the train labels (default: the root the folds recorded).
+        chunk: images read and scored at a time (peak memory ~ one chunk).
+        temperature: re-temper the stored probabilities before the argmax.
+
+    Returns:
+        ``miou``, ``pixel_acc``, ``per_class_iou`` ({class: IoU}), ``confusion_matrix`` (C, C) int64,
+        ``temperature`` and ``n_images``.
+    """
+    root = _as_root(root, store)
+    if tuple(root.classes) != tuple(store.classes):
+        raise StoreError(f"{store.name}: classes {list(store.classes)} differ from {root.path}'s {list(root.classes)}")
+    C = store.num_classes
+    cm = np.zeros((C, C), dtype=np.int64)
+    for ids, probs in store.iter_oof(chunk, check=True):
+        labels = np.stack([read_label(root.label_path("train", i), C) for i in ids])
+        if labels.shape[1:] != tuple(store.image_size):
+            raise StoreError(f"{store.name}: {root.label_path('train', ids[0])} size {labels.shape[1:]} differs "
+                             f"from the store's image size {tuple(store.image_size)}")
+        pred = full_res_argmax(torch.from_numpy(probs), store.image_size, temperature).numpy()
+        cm += confusion_matrix(labels, pred, C)
+    iou = iou_per_class(cm)
+    return {
+        "miou": mean_iou(cm),
+        "pixel_acc": pixel_accuracy(cm),
+        "per_class_iou": {c: float(v) for c, v in zip(store.classes, iou)},
+        "confusion_matrix": cm,
+        "temperature": float(temperature),
+        "n_images": len(store.ids),
+    }

@@ -1,0 +1,235 @@
+"""OOF report of one experiment: pooled full-resolution mIoU, per-class IoU, temperature table, plots.
+
+Writes ``runs/<exp>/oof_report.csv``, ``runs/<exp>/plots/{per_class_iou,confusion}.png`` and
+``runs/<exp>/leaderboard_row.json`` (picked up by the submissions package; kfold never imports it).
+
+Usage:
+    python -m kfold.report exp093_5 [exp093_4 ...] [--runs runs] [--data-root DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kfold.data.layout import DataError, DataRoot
+from kfold.io import atomic_path, write_json, write_text
+from kfold.metrics import mean_iou, pixel_accuracy
+from kfold.oof import ExperimentStore, StoreError, list_experiments, open_experiment, score_experiment
+
+POOLED = "pooled confusion matrices"
+MEAN_OF_FOLDS = "mean of fold mIoUs"
+
+
+def temperature_table(store: ExperimentStore) -> tuple[list[dict[str, float]], str]:
+    """Per-temperature OOF mIoU of the experiment and how the folds were combined.
+
+    Pools the folds' ``oof_temperature_cm.npy`` (one confusion matrix over all images, the mIoU convention);
+    when a fold lacks it, falls back to the mean of the folds' ``oof_temperature.csv`` mIoUs, labelled so.
+
+    Returns:
+        (rows of ``temperature``, ``miou``, ``pixel_acc``; the method, :data:`POOLED` or :data:`MEAN_OF_FOLDS`)
+    """
+    C = store.num_classes
+    grids, cms = [], []
+    for fa in store.fold_arrays:
+        grids.append(tuple(fa.manifest.get("temperatures", ())))
+        path = fa.path / fa.manifest.get("temperature_cm_file", "oof_temperature_cm.npy")
+        cms.append(np.load(path) if path.is_file() else None)
+    if all(cm is not None for cm in cms) and len(set(grids)) == 1 and grids[0]:
+        for fa, cm in zip(store.fold_arrays, cms):
+            if cm.shape != (len(grids[0]), C, C):
+                raise StoreError(f"{store.name} fold {fa.fold}: {fa.path / 'oof_temperature_cm.npy'} shape "
+                                 f"{cm.shape}, expected {(len(grids[0]), C, C)}")
+        pooled = np.sum(cms, axis=0)
+        return [{"temperature": t, "miou": mean_iou(cm), "pixel_acc": pixel_accuracy(cm)}
+                for t, cm in zip(grids[0], pooled)], POOLED
+
+    per_t: dict[float, list[tuple[float, float]]] = {}
+    for fa in store.fold_arrays:
+        path = fa.path / "oof_temperature.csv"
+        if not path.is_file():
+            raise StoreError(f"{store.name} fold {fa.fold}: {path} missing")
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                per_t.setdefault(float(row["temperature"]), []).append(
+                    (float(row["miou"]), float(row["pixel_acc"])))
+    rows = [{"temperature": t, "miou": float(np.mean([m for m, _ in v])),
+             "pixel_acc": float(np.mean([a for _, a in v]))}
+            for t, v in sorted(per_t.items()) if len(v) == store.folds]  # only temperatures every fold tried
+    return rows, MEAN_OF_FOLDS
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a plain-text table."""
+    h, w = report["image_size"]
+    lines = [
+        f"{report['name']}: OOF over {report['folds']} folds, {report['n_images']} images, scored at {h}x{w}",
+        f"mIoU {report['oof_miou']:.4f}   pixel acc {report['pixel_acc']:.4f}",
+        "",
+        f"{'class':<16}{'IoU':>8}",
+    ]
+    lines += [f"{c:<16}{v:>8.4f}" for c, v in report["per_class_iou"].items()]
+    lines += ["", f"{'temperature':<16}{'mIoU':>8}{'pix acc':>9}   ({report['temperature_method']})"]
+    lines += [f"{r['temperature']:<16.2f}{r['miou']:>8.4f}{r['pixel_acc']:>9.4f}" for r in report["temperature_table"]]
+    return "\n".join(lines)
+
+
+def _report_csv(report: dict[str, Any]) -> str:
+    rows: list[tuple[str, Any]] = [("oof_miou", report["oof_miou"]), ("pixel_acc", report["pixel_acc"]),
+                                   ("n_images", report["n_images"]), ("folds", report["folds"])]
+    rows += [(f"iou_{c}", v) for c, v in report["per_class_iou"].items()]
+    kind = "miou_pooled" if report["temperature_method"] == POOLED else "miou_mean_of_folds"
+    for r in report["temperature_table"]:
+        rows += [(f"{kind}@T={r['temperature']:g}", r["miou"]), (f"pixel_acc@T={r['temperature']:g}", r["pixel_acc"])]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["metric", "value"])
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_per_class_iou(per_class: dict[str, float], miou: float, path: Path, title: str) -> None:
+    """Horizontal bar plot of the per-class IoU with the mIoU as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(per_class)
+    values = [0.0 if math.isnan(v) else v for v in per_class.values()]
+    fig, ax = plt.subplots(figsize=(6, 0.3 * len(names) + 1.2))
+    ax.barh(names, values, color="tab:blue")
+    ax.axvline(miou, color="tab:red", linestyle="--", label=f"mIoU {miou:.3f}")
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("IoU")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    _save_figure(fig, path)
+
+
+def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: str) -> None:
+    """Row-normalised confusion matrix (each target class sums to 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(0.45 * n + 2, 0.45 * n + 1.5))
+    image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), classes, rotation=90)
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("target")
+    ax.set_title(title)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                if norm[i, j] >= 0.01:
+                    ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    _save_figure(fig, path)
+
+
+def experiment_report(
+    runs_dir: str | Path, name: str, root: DataRoot | str | Path | None = None, chunk: int = 64
+) -> dict[str, Any]:
+    """Score one experiment's OOF store, print the table and write the report files.
+
+    Args:
+        runs_dir: folder of the experiments.
+        name: experiment name.
+        root: the dataset root (default: the root the folds recorded).
+        chunk: images scored at a time.
+
+    Returns:
+        ``name``, ``folds``, ``n_images``, ``image_size``, ``oof_miou``, ``pixel_acc``, ``per_class_iou``,
+        ``confusion_matrix``, ``temperature_table``, ``temperature_method`` and ``files``.
+    """
+    store = open_experiment(runs_dir, name)
+    score = score_experiment(store, root, chunk=chunk)
+    table, method = temperature_table(store)
+    report = {
+        "name": name,
+        "folds": store.folds,
+        "n_images": score["n_images"],
+        "image_size": list(store.image_size),
+        "oof_miou": score["miou"],
+        "pixel_acc": score["pixel_acc"],
+        "per_class_iou": score["per_class_iou"],
+        "confusion_matrix": score["confusion_matrix"],
+        "temperature_table": table,
+        "temperature_method": method,
+    }
+    print(format_report(report))
+
+    exp_dir = store.path
+    files = {"csv": exp_dir / "oof_report.csv", "per_class_iou": exp_dir / "plots" / "per_class_iou.png",
+             "confusion": exp_dir / "plots" / "confusion.png", "leaderboard_row": exp_dir / "leaderboard_row.json"}
+    write_text(files["csv"], _report_csv(report))
+    plot_per_class_iou(score["per_class_iou"], score["miou"], files["per_class_iou"], f"{name}: OOF per-class IoU")
+    plot_confusion(score["confusion_matrix"], store.classes, files["confusion"],
+                   f"{name}: OOF confusion (row-normalised)")
+    row = {
+        "name": name,
+        "kind": "experiment",
+        "members": name,
+        "weights": "1",
+        "temperatures": "1",
+        "oof_miou": score["miou"],
+        "oof_miou_nested": score["miou"],  # one model: nothing is fitted on the OOF, so no optimism to remove
+        "pixel_acc": score["pixel_acc"],
+        **{f"iou_{c}": (None if math.isnan(v) else v) for c, v in score["per_class_iou"].items()},
+        "submission": "",
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    write_json(files["leaderboard_row"], row)
+    report["files"] = files
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kfold.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="experiments (default: every one under --runs)")
+    parser.add_argument("--runs", type=Path, default=Path("runs"))
+    parser.add_argument("--data-root", type=Path, default=None, help="default: the root the folds recorded")
+    parser.add_argument("--chunk", type=int, default=64)
+    args = parser.parse_args(argv)
+    names = args.names or list_experiments(args.runs)
+    if not names:
+        print(f"error: no experiments under {args.runs}", file=sys.stderr)
+        return 2
+    for name in names:
+        try:
+            experiment_report(args.runs, name, args.data_root, args.chunk)
+        except (StoreError, DataError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
