@@ -46,6 +46,17 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (e.g. BatchNorm statistics) to every rank; a no-op in a single process.
+
+    Each rank updates its EMA from its own model, whose BatchNorm statistics saw only that rank's batches;
+    validating with rank 0's buffers on every rank means validating the weights that are saved.
+    """
+    if dist.is_available() and dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

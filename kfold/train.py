@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -29,12 +30,17 @@ from kfold.config import Recipe
 from kfold.data.dataset import SegmentationDataset
 from kfold.data.layout import DataRoot
 from kfold.data.transforms import eval_transform, train_transform
-from kfold.distributed import DistInfo, all_reduce_sum
+from kfold.distributed import DistInfo, all_reduce_sum, broadcast_buffers
 from kfold.losses import SegDepthLoss
 from kfold.metrics import DepthMeter, confusion_matrix_torch, iou_per_class, mean_iou, pixel_accuracy
 from kfold.models import build_model, load_weights
 
 log = logging.getLogger("kfold")
+
+
+def derived_seed(*keys: int) -> int:
+    """A 32-bit seed from integer keys, the same in every process (unlike ``hash`` of strings)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
 class SeededSamples(torch.utils.data.Dataset):
@@ -51,7 +57,7 @@ class SeededSamples(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
-        self.dataset.transform.reseed(hash((self.seed, self.epoch, index)) % 2**32)
+        self.dataset.transform.reseed(derived_seed(self.seed, self.epoch, index))
         return self.dataset[index]
 
 
@@ -264,13 +270,14 @@ def fit_fold(recipe: Recipe, root: DataRoot, run_dir: Path, train_ids: Sequence[
         if dist.enabled and (epoch == start_epoch or epoch == recipe.optim.freeze_encoder_epochs):
             # DDP fixes its set of trainable parameters when wrapped: wrap again when freezing changes.
             train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        torch.manual_seed(hash((cfg.seed, epoch)) % 2**63)
+        torch.manual_seed(derived_seed(cfg.seed, epoch, 0))
         data.train_samples.epoch = epoch
-        data.train_loader.generator.manual_seed(hash((cfg.seed, epoch, "order")) % 2**63)
+        data.train_loader.generator.manual_seed(derived_seed(cfg.seed, epoch, 1))
         if isinstance(data.train_loader.sampler, DistributedSampler):
             data.train_loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(model, train_model, ema, loss_fn, optimizer, scheduler, scaler, data.train_loader,
                                 recipe, epoch, device, autocast, show=dist.is_main)
+        broadcast_buffers(ema.module)
         val = evaluate(ema.module, data.val_loader, root.num_classes, device, autocast)
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"], **stats,
                "val_miou": val.pop("miou"), "val_pixel_acc": val.pop("pixel_acc"),

@@ -1,0 +1,132 @@
+"""Torch dataset over one split of a :class:`~kfold.data.layout.DataRoot`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from kfold.data.layout import IGNORE_INDEX, SPLITS, DataError, DataRoot, read_depth, read_label, read_rgb
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+Transform = Callable[..., dict[str, np.ndarray]]
+
+
+def normalize_rgb(image: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) -> float32 (3, H, W) normalised with the ImageNet mean and std."""
+    x = (image.astype(np.float32) / np.float32(255.0) - IMAGENET_MEAN) / IMAGENET_STD
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def inverse_depth(depth: np.ndarray, min_depth_m: float) -> np.ndarray:
+    """Depth in metres -> ``min_depth_m / depth`` clipped to [0, 1]; missing (0) stays 0.
+
+    Inverse depth spends the channel's range on near surfaces, where the detail is.
+    """
+    valid = depth > 0
+    inv = np.zeros_like(depth, dtype=np.float32)
+    inv[valid] = np.minimum(np.float32(min_depth_m) / depth[valid], 1.0)
+    return inv
+
+
+def _identity(image: np.ndarray, depth: np.ndarray, label: np.ndarray) -> dict[str, np.ndarray]:
+    return {"image": image, "depth": depth, "label": label, "depth_input": depth}
+
+
+class SegmentationDataset(Dataset):
+    """Samples of one split as tensors.
+
+    Each item is a dict: ``image`` float32 (in_channels, h, w) (ImageNet-normalised RGB, plus normalised
+    inverse depth as 4th channel when ``in_channels == 4``), ``depth`` float32 (1, H, W) metres with
+    0 = missing, ``label`` int64 (H, W) with 255 = ignore, ``id`` str.
+
+    Args:
+        root: the opened dataset root.
+        split: "train" or "test".
+        ids: the ids to serve, in order (e.g. one fold's validation ids).
+        transform: ``t(image=, depth=, label=) -> dict(image, depth, label, depth_input)``, e.g.
+            :func:`kfold.data.transforms.train_transform`; None keeps every array as read.
+        in_channels: 3 (RGB) or 4 (RGB + inverse depth).
+        with_labels: read labels; when False, or when the split has none (test without ``test_labels/``),
+            every label pixel is 255.
+        max_depth_m: readings beyond this are treated as missing (sensor range).
+        min_depth_m: the depth that maps to 1.0 in the inverse-depth channel.
+    """
+
+    def __init__(
+        self,
+        root: DataRoot,
+        split: str,
+        ids: Sequence[str],
+        transform: Transform | None,
+        in_channels: int = 3,
+        with_labels: bool = True,
+        max_depth_m: float = 10.0,
+        min_depth_m: float = 0.25,
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if in_channels not in (3, 4):
+            raise ValueError(f"in_channels must be 3 (RGB) or 4 (RGB + inverse depth), got {in_channels}")
+        if not 0 < min_depth_m < max_depth_m:
+            raise ValueError(f"need 0 < min_depth_m < max_depth_m, got {min_depth_m} and {max_depth_m}")
+        known = set(root.ids(split))
+        unknown = [i for i in ids if i not in known]
+        if unknown:
+            raise DataError(
+                f"{root.image_path(split, unknown[0])}: id {unknown[0]!r} is not in the {split} split "
+                f"of {root.path} ({len(unknown)} unknown ids)"
+            )
+        self.root = root
+        self.split = split
+        self.ids = list(ids)
+        self.transform = transform if transform is not None else _identity
+        self.in_channels = in_channels
+        self.labelled = with_labels and (split == "train" or root.has_test_labels)
+        self.max_depth_m = max_depth_m
+        self.min_depth_m = min_depth_m
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _check_size(self, path: Any, array: np.ndarray) -> None:
+        # A root opened with verify=False was not size-checked; fail here rather than in collate.
+        if array.shape[:2] != self.root.image_size:
+            h, w = self.root.image_size
+            raise DataError(f"{path}: size {array.shape[0]}x{array.shape[1]} (HxW) differs from the root's {h}x{w}")
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The raw arrays of sample ``index``: RGB uint8, depth float32 metres (0 = missing), label uint8."""
+        image_id = self.ids[index]
+        path = self.root.image_path(self.split, image_id)
+        image = read_rgb(path)
+        self._check_size(path, image)
+        path = self.root.depth_path(self.split, image_id)
+        depth = read_depth(path)
+        self._check_size(path, depth)
+        depth[depth > self.max_depth_m] = 0.0
+        if self.labelled:
+            path = self.root.label_path(self.split, image_id)
+            label = read_label(path, self.root.num_classes)
+            self._check_size(path, label)
+        else:
+            label = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
+        return image, depth, label
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, depth, label = self.read(index)
+        out = self.transform(image=image, depth=depth, label=label)
+        x = normalize_rgb(out["image"])
+        if self.in_channels == 4:
+            x = np.concatenate([x, inverse_depth(out["depth_input"], self.min_depth_m)[None]], axis=0)
+        return {
+            "image": torch.from_numpy(x),
+            "depth": torch.from_numpy(np.ascontiguousarray(out["depth"], dtype=np.float32)[None]),
+            "label": torch.from_numpy(np.ascontiguousarray(out["label"]).astype(np.int64)),
+            "id": self.ids[index],
+        }

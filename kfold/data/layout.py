@@ -1,0 +1,336 @@
+"""The dataset root contract (see ARCHITECTURE.md): listing, validating and reading its PNGs.
+
+Every problem with a root is a :class:`DataError` whose one-line message starts with the offending path.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile
+
+DEFAULT_CLASSES: tuple[str, ...] = (
+    "bed", "books", "ceiling", "chair", "floor", "furniture", "objects",
+    "picture", "sofa", "table", "tv", "wall", "window",
+)  # fmt: skip
+IGNORE_INDEX = 255
+SPLITS = ("train", "test")
+
+_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I")  # how Pillow opens a 16-bit greyscale PNG
+_LABEL_MODES = ("L", "P")  # palette PNGs store class ids as palette indices
+
+# A truncated PNG must fail loudly rather than come back half grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class DataError(ValueError):
+    """A dataset root breaks the layout contract; the message is one line starting with the file path."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+def _error(path: str | os.PathLike, message: str) -> DataError:
+    return DataError(f"{path}: {message}")
+
+
+@dataclass(frozen=True)
+class DataRoot:
+    """A validated dataset root.
+
+    Args:
+        path: the root folder.
+        classes: class names; the index is the class id.
+        train_ids / test_ids: sorted file stems of ``train/images`` and ``test/images``.
+        image_size: (H, W) shared by every image of the root.
+        scenes: train id -> scene (the id itself when the root has no ``scenes.csv``).
+    """
+
+    path: Path
+    classes: tuple[str, ...]
+    train_ids: tuple[str, ...] = field(repr=False)
+    test_ids: tuple[str, ...] = field(repr=False)
+    image_size: tuple[int, int]
+    scenes: dict[str, str] = field(repr=False, compare=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def has_test_labels(self) -> bool:
+        return (self.path / "test_labels").is_dir()
+
+    def _split_dir(self, split: str) -> Path:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return self.path / split
+
+    def image_path(self, split: str, image_id: str) -> Path:
+        return self._split_dir(split) / "images" / f"{image_id}.png"
+
+    def depth_path(self, split: str, image_id: str) -> Path:
+        return self._split_dir(split) / "depths" / f"{image_id}.png"
+
+    def label_path(self, split: str, image_id: str) -> Path:
+        if self._split_dir(split).name == "test":
+            return self.path / "test_labels" / f"{image_id}.png"
+        return self.path / "train" / "labels" / f"{image_id}.png"
+
+    def ids(self, split: str) -> tuple[str, ...]:
+        """The sorted ids of ``split`` ("train" or "test")."""
+        return self.train_ids if self._split_dir(split).name == "train" else self.test_ids
+
+
+# ----------------------------------------------------------------------------------------------- reading
+def _open(path: Path) -> Image.Image:
+    try:
+        return Image.open(path)
+    except FileNotFoundError:
+        raise _error(path, "file not found") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise _error(path, f"unreadable image ({e})") from None
+
+
+def _decode(path: Path, check_mode: Callable[[Path, Image.Image], None]) -> np.ndarray:
+    with _open(path) as img:
+        check_mode(path, img)
+        try:
+            img.load()
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise _error(path, f"unreadable or truncated PNG ({e})") from None
+        return np.asarray(img)
+
+
+def _check_rgb_mode(path: Path, img: Image.Image) -> None:
+    if img.mode != "RGB":
+        raise _error(
+            path,
+            f"mode {img.mode}, expected 8-bit RGB; convert it with PIL.Image.open(p).convert('RGB').save(p)",
+        )
+
+
+def _check_depth_mode(path: Path, img: Image.Image) -> None:
+    if img.mode not in _DEPTH_MODES:
+        bits = "8-bit" if img.mode in ("L", "P", "1") else f"mode {img.mode}"
+        raise _error(
+            path,
+            f"{bits} depth PNG, expected a single-channel 16-bit PNG of millimetres (uint16, 0 = no reading)",
+        )
+
+
+def _check_label_mode(path: Path, img: Image.Image) -> None:
+    if img.mode not in _LABEL_MODES:
+        raise _error(path, f"mode {img.mode}, expected a single-channel 8-bit PNG of class ids (L or P)")
+
+
+def _check_label_values(path: Path, label: np.ndarray, num_classes: int) -> None:
+    # max() and a mask are ~10x cheaper than bincount on uint8; the values are listed only on failure.
+    if label.max(initial=0) < num_classes:
+        return
+    invalid = (label >= num_classes) & (label != IGNORE_INDEX)
+    if invalid.any():
+        bad = np.unique(label[invalid])
+        shown = ", ".join(str(v) for v in bad[:5]) + (" ..." if bad.size > 5 else "")
+        raise _error(
+            path,
+            f"label value {shown} outside the class range 0..{num_classes - 1} and not {IGNORE_INDEX}",
+        )
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Read an 8-bit RGB PNG as uint8 (H, W, 3); anything else is a DataError."""
+    return _decode(Path(path), _check_rgb_mode)
+
+
+def read_depth(path: str | os.PathLike) -> np.ndarray:
+    """Read a 16-bit millimetre depth PNG as float32 (H, W) metres; 0.0 = missing."""
+    depth = _decode(Path(path), _check_depth_mode)
+    return depth.astype(np.float32) / np.float32(1000.0)
+
+
+def read_label(path: str | os.PathLike, num_classes: int) -> np.ndarray:
+    """Read an 8-bit label PNG as uint8 (H, W) with values in [0, num_classes) or 255."""
+    path = Path(path)
+    label = _decode(path, _check_label_mode).astype(np.uint8, copy=False)
+    _check_label_values(path, label, num_classes)
+    return label
+
+
+# ----------------------------------------------------------------------------------------------- listing
+def _list_pngs(folder: Path) -> dict[str, Path]:
+    """Map id -> path for the ``<id>.png`` files of ``folder`` (hidden files, e.g. temporaries, skipped)."""
+    found: dict[str, Path] = {}
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.suffix != ".png" or not entry.is_file():
+            raise _error(entry, f"unexpected entry; {folder} may hold only <id>.png files")
+        found[entry.stem] = entry
+    return found
+
+
+def _match_ids(ids: Iterable[str], folder: Path, what: str, images_dir: Path) -> None:
+    """Require ``folder`` to hold exactly one ``<id>.png`` per image id."""
+    ids = list(ids)
+    if not folder.is_dir():
+        raise _error(folder, f"missing folder; every image of {images_dir} needs its {what}")
+    present = _list_pngs(folder)
+    missing = [i for i in ids if i not in present]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise _error(folder / f"{missing[0]}.png", f"missing {what} for image {missing[0]!r}{more}")
+    extra = sorted(set(present) - set(ids))
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise _error(present[extra[0]], f"{what} without a matching image in {images_dir}{more}")
+
+
+def _read_classes(root: Path) -> tuple[str, ...]:
+    path = root / "classes.txt"
+    if not path.exists():
+        return DEFAULT_CLASSES
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not names:
+        raise _error(path, "empty; expected one class name per line")
+    dupes = sorted(name for name, count in Counter(names).items() if count > 1)
+    if dupes:
+        raise _error(path, f"duplicate class names: {', '.join(dupes)}")
+    if len(names) > IGNORE_INDEX:
+        raise _error(path, f"{len(names)} classes; at most {IGNORE_INDEX} fit beside ignore={IGNORE_INDEX}")
+    return tuple(names)
+
+
+def _read_scenes(root: Path, train_ids: tuple[str, ...], test_ids: tuple[str, ...]) -> dict[str, str]:
+    path = root / "scenes.csv"
+    if not path.exists():
+        return {i: i for i in train_ids}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not {"id", "scene"} <= set(reader.fieldnames):
+            raise _error(path, f"header {reader.fieldnames}, expected columns id,scene")
+        rows = [(row["id"], row["scene"]) for row in reader]
+    known = set(train_ids) | set(test_ids)
+    scenes: dict[str, str] = {}
+    for line, (image_id, scene) in enumerate(rows, start=2):
+        if image_id not in known:
+            raise _error(path, f"line {line}: unknown id {image_id!r} (not in train/images or test/images)")
+        if image_id in scenes:
+            raise _error(path, f"line {line}: id {image_id!r} listed twice")
+        if not scene:
+            raise _error(path, f"line {line}: empty scene for id {image_id!r}")
+        scenes[image_id] = scene
+    missing = [i for i in train_ids if i not in scenes]
+    if missing:
+        raise _error(path, f"no scene for {len(missing)} train ids, e.g. {missing[0]!r}")
+    return {i: scenes[i] for i in train_ids}
+
+
+# ---------------------------------------------------------------------------------------------- verifying
+def _header(path: Path, check_mode: Callable[[Path, Image.Image], None]) -> tuple[int, int]:
+    """Check mode and PNG integrity without decoding the pixels; return (H, W)."""
+    with _open(path) as img:
+        if img.format != "PNG":
+            raise _error(path, f"{img.format} data, expected PNG")
+        check_mode(path, img)
+        size = (img.height, img.width)
+        try:
+            img.verify()  # walks every chunk and checks its CRC: catches truncation cheaply
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise _error(path, f"unreadable or truncated PNG ({e})") from None
+    return size
+
+
+def _check_size(path: Path, size: tuple[int, int], expected: tuple[int, int], reference: Path) -> None:
+    if size != expected:
+        raise _error(
+            path,
+            f"size {size[0]}x{size[1]} (HxW) differs from the root's {expected[0]}x{expected[1]} "
+            f"(from {reference.name})",
+        )
+
+
+def _verify_split(root: DataRoot, split: str, ids: tuple[str, ...], reference: Path, labels: bool) -> None:
+    size = root.image_size
+
+    def check(image_id: str) -> None:
+        path = root.image_path(split, image_id)
+        _check_size(path, _header(path, _check_rgb_mode), size, reference)
+        path = root.depth_path(split, image_id)
+        _check_size(path, _header(path, _check_depth_mode), size, reference)
+        if labels:
+            path = root.label_path(split, image_id)
+            label = read_label(path, root.num_classes)  # full decode: values must be checked
+            _check_size(path, label.shape, size, reference)
+
+    # PNG inflate releases the GIL, so threads speed up the full label decode.
+    workers = min(8, os.cpu_count() or 1)
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        for _ in pool.map(check, ids):  # re-raises the first DataError in id order
+            pass
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def open_root(path: str | os.PathLike, verify: bool = True) -> DataRoot:
+    """Open a dataset root and check it against the layout contract.
+
+    Args:
+        path: the root folder (``train/``; optional ``test/``, ``test_labels/``, ``scenes.csv``,
+            ``classes.txt``).
+        verify: check every file (modes, sizes, PNG integrity, label values). When False only the ids are
+            listed and cross-checked, and one image is read for the size.
+
+    Returns:
+        the :class:`DataRoot`.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise _error(root, "dataset root not found (expected a folder with train/images, train/depths, ...)")
+    classes = _read_classes(root)
+
+    train_images = root / "train" / "images"
+    if not train_images.is_dir():
+        raise _error(train_images, "missing folder; a dataset root needs train/images/<id>.png")
+    train = _list_pngs(train_images)
+    if not train:
+        raise _error(train_images, "empty split: no <id>.png training images")
+    train_ids = tuple(sorted(train))
+    _match_ids(train_ids, root / "train" / "depths", "depth", train_images)
+    _match_ids(train_ids, root / "train" / "labels", "label", train_images)
+
+    test_ids: tuple[str, ...] = ()
+    if (root / "test").exists():
+        test_images = root / "test" / "images"
+        if not test_images.is_dir():
+            raise _error(test_images, "missing folder; remove test/ entirely for a root without a test split")
+        test = _list_pngs(test_images)
+        if not test:
+            raise _error(test_images, "empty split: no <id>.png test images")
+        test_ids = tuple(sorted(test))
+        _match_ids(test_ids, root / "test" / "depths", "depth", test_images)
+        if (root / "test_labels").exists():
+            _match_ids(test_ids, root / "test_labels", "test label", test_images)
+    elif (root / "test_labels").exists():
+        raise _error(root / "test_labels", "test labels without a test/ split")
+    clash = sorted(set(train_ids) & set(test_ids))
+    if clash:
+        raise _error(root / "test" / "images" / f"{clash[0]}.png", "id also present in train/images")
+
+    scenes = _read_scenes(root, train_ids, test_ids)
+    reference = train[train_ids[0]]
+    image_size = _header(reference, _check_rgb_mode)
+    data_root = DataRoot(root, classes, train_ids, test_ids, image_size, scenes)
+    if verify:
+        _verify_split(data_root, "train", train_ids, reference, labels=True)
+        if test_ids:
+            _verify_split(data_root, "test", test_ids, reference, labels=data_root.has_test_labels)
+    return data_root
