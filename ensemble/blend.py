@@ -1,0 +1,243 @@
+"""Blend the OOF stores of complete experiments: weights and temperatures, nested-CV estimate, submission.
+
+Usage (from the repo root):
+    python ensemble/blend.py                            # every complete experiment under runs/
+    python ensemble/blend.py --runs exp093_5 exp093_4 --method hillclimb --name my_blend --dry-run
+
+Weights and temperatures are fitted on a fixed class-stratified sample of OOF pixels held in RAM, then the
+chosen blend is scored on every OOF pixel at full resolution; the nested-CV figure fits each fold's blend
+on the other folds and scores the held-out fold at full resolution. Writes ``<out-dir>/<name>.csv``
+(submission), ``<name>.json`` (record), ``plots/<name>_{weights,per_class}.png`` and refreshes
+``<out-dir>/leaderboard.csv``. Exit 2 with one line ``error: ...`` on bad input (``--debug``: traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import re
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ensemble.optimize import METHODS, fit_blend, nested_cv
+from ensemble.plots import plot_per_class, plot_weights
+from ensemble.stores import Members, build_sample, open_members, predict_test, score_full_res
+from kfold.io import write_json
+from kfold.metrics import iou_per_class, mean_iou, pixel_accuracy
+from submissions.leaderboard import upsert_leaderboard
+from submissions.score import score_submission
+from submissions.writer import write_submission
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python ensemble/blend.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="folder of the experiments (default runs)")
+    p.add_argument("--runs", nargs="+", metavar="EXP", default=None, help="experiments (default: every complete one)")
+    p.add_argument("--method", choices=METHODS, default="slsqp")
+    p.add_argument("--name", default=None, help="blend name (default blend_<method>_<members>)")
+    p.add_argument("--data-root", type=Path, default=None, help="default: the data root the stores recorded")
+    p.add_argument("--pixels", type=int, default=300_000, help="OOF pixel sample size for the fit")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--order", choices=("C", "F"), default="C", help="RLE pixel order of the submission")
+    p.add_argument("--no-temperature", action="store_true", help="keep every temperature at 1")
+    p.add_argument("--dry-run", action="store_true", help="report without writing anything")
+    p.add_argument("--out-dir", type=Path, default=Path("submissions"))
+    p.add_argument("--chunk", type=int, default=32, help="images per streamed chunk")
+    p.add_argument("--debug", action="store_true", help="full traceback on error")
+    args = p.parse_args(argv)
+    if args.name is not None and not NAME.fullmatch(args.name):
+        p.error(f"--name {args.name!r}: use letters, digits and . _ + - only")
+    if args.chunk < 1:
+        p.error(f"--chunk must be >= 1, got {args.chunk}")
+    return args
+
+
+def default_name(method: str, names: Sequence[str]) -> str:
+    """``blend_<method>_<a>+<b>``; a digest of the member list when that grows long."""
+    name = f"blend_{method}_{'+'.join(names)}"
+    if len(name) > 80:
+        name = f"blend_{method}_{len(names)}models_{hashlib.sha1(','.join(names).encode()).hexdigest()[:8]}"
+    return name
+
+
+def _num(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def _scores(cm: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    return {"miou": mean_iou(cm), "pixel_acc": pixel_accuracy(cm),
+            "per_class_iou": dict(zip(classes, iou_per_class(cm).tolist()))}
+
+
+def _chosen_label(chosen: str, names: Sequence[str]) -> str:
+    if chosen.startswith("best_single:"):
+        return f"best single ({names[int(chosen.split(':')[1])]})"
+    return chosen
+
+
+def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -> dict[str, Any]:
+    """Fit, score and write one blend; return its record (what ``<name>.json`` holds)."""
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(step: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[step] = now - clock
+        clock = now
+
+    members, skipped = open_members(args.runs_dir, args.runs, args.data_root)
+    for line in skipped:
+        log(line)
+    names, classes, C, k = members.names, members.classes, members.num_classes, members.folds
+    if args.pixels < C:
+        raise ValueError(f"--pixels {args.pixels} must be >= the number of classes ({C})")
+    log(f"blending {', '.join(names)}: {k} folds, {len(members.ids)} train / {len(members.test_ids)} test images, "
+        f"grid {members.grid} -> {members.image_size}, root {members.root.path}")
+    lap("load")
+
+    sample = build_sample(members, args.pixels, args.seed, args.chunk)
+    lap("sample")
+    fit_kw = {"fit_temperature": not args.no_temperature, "seed": args.seed}
+    fit = fit_blend(sample.probs, sample.labels, sample.weights, C, args.method, **fit_kw)
+    log(fit.message)
+    lap("fit")
+    _, folds = nested_cv(sample.probs, sample.labels, sample.weights, sample.fold, C, args.method, **fit_kw)
+    if sorted(r.fold for r in folds) != list(range(k)):
+        raise ValueError(f"the pixel sample misses fold(s) {sorted(set(range(k)) - {r.fold for r in folds})}; "
+                         f"raise --pixels")
+    lap("nested")
+
+    params = (fit.weights, fit.temperatures)
+    cms = score_full_res(members, {"blend": dict.fromkeys(range(k), params),
+                                   "nested": {r.fold: (r.fit.weights, r.fit.temperatures) for r in folds}},
+                         args.chunk, score_members=True)
+    lap("full-res scoring")
+
+    name = args.name or default_name(args.method, names)
+    out_dir = Path(args.out_dir)
+    csv_path = out_dir / f"{name}.csv"
+    sample_sub = members.root.path / "sample_submission.csv"
+    if not members.root.test_ids:
+        raise ValueError(f"{members.root.path}: no test images to predict")
+    test_cm = np.zeros((C, C), dtype=np.int64) if members.root.has_test_labels else None
+    summary = write_submission(csv_path, predict_test(members, params, args.chunk, test_cm), C, args.order,
+                               sample_sub if sample_sub.is_file() else None, members.root.test_ids, args.dry_run)
+    lap("submission")
+    test = None
+    if test_cm is not None:
+        labels_dir = members.root.path / "test_labels"
+        if args.dry_run:  # nothing written: score the class maps directly
+            test = {"miou": mean_iou(test_cm), "pixel_acc": pixel_accuracy(test_cm), "source": "direct (dry run)"}
+        else:
+            s = score_submission(csv_path, labels_dir, C, args.order)
+            test = {"miou": s["miou"], "pixel_acc": s["pixel_acc"], "source": f"{csv_path} vs {labels_dir}"}
+        lap("test score")
+
+    record = {
+        "name": name, "method": args.method, "members": names, "classes": list(classes), "folds": k,
+        "weights": fit.weights.tolist(), "temperatures": fit.temperatures.tolist(),
+        "chosen": fit.chosen, "moved": fit.moved, "start_miou_sample": fit.start_miou,
+        "candidates_sample": fit.candidates, "fit_message": fit.message, "n_evals": fit.n_evals,
+        "oof": _scores(cms["blend"], classes), "nested": _scores(cms["nested"], classes),
+        "nested_folds": [{"fold": r.fold, "weights": r.fit.weights.tolist(),
+                          "temperatures": r.fit.temperatures.tolist(), "chosen": r.fit.chosen,
+                          "sample_miou_heldout": r.miou} for r in folds],
+        "member_scores": {n: _scores(cms[n], classes) for n in names},
+        "test": test, "sample_pixels": len(sample.labels), "seed": args.seed, "order": args.order,
+        "submission": str(csv_path), "written": summary.written, "data_root": str(members.root.path),
+        "timings_s": timings, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    if not args.dry_run:
+        _write_outputs(record, members, out_dir)
+    return record
+
+
+def _write_outputs(record: dict[str, Any], members: Members, out_dir: Path) -> None:
+    name, names, classes = record["name"], record["members"], record["classes"]
+    write_json(out_dir / f"{name}.json", json.loads(json.dumps(record, default=float), parse_constant=lambda _: None))
+    plot_weights(names, record["weights"], record["temperatures"], out_dir / "plots" / f"{name}_weights.png",
+                 f"{name}: weights and temperatures")
+    per_model = {n: list(record["member_scores"][n]["per_class_iou"].values()) for n in names}
+    plot_per_class(classes, per_model, list(record["oof"]["per_class_iou"].values()),
+                   out_dir / "plots" / f"{name}_per_class.png", f"{name}: OOF per-class IoU")
+    board = out_dir / "leaderboard.csv"
+    iou = {f"iou_{c}": _num(v) for c, v in record["oof"]["per_class_iou"].items()}
+    upsert_leaderboard({
+        "name": name, "kind": "blend", "members": names, "weights": [round(w, 4) for w in record["weights"]],
+        "temperatures": [round(t, 4) for t in record["temperatures"]], "oof_miou": record["oof"]["miou"],
+        "oof_miou_nested": record["nested"]["miou"], "pixel_acc": record["oof"]["pixel_acc"], **iou,
+        "submission": record["submission"], "created": record["created"],
+    }, board)
+    for store in members.stores:
+        row_file = store.path / "leaderboard_row.json"
+        if row_file.is_file():
+            row = json.loads(row_file.read_text())
+        else:  # no kfold/report.py run yet: the row from this blend's full-resolution score of the store
+            s = record["member_scores"][store.name]
+            row = {"name": store.name, "kind": "experiment", "members": store.name, "weights": "1",
+                   "temperatures": "1", "oof_miou": s["miou"], "oof_miou_nested": s["miou"],
+                   "pixel_acc": s["pixel_acc"], **{f"iou_{c}": _num(v) for c, v in s["per_class_iou"].items()},
+                   "submission": ""}
+        upsert_leaderboard(row, board)
+
+
+def format_table(record: dict[str, Any]) -> str:
+    """The final report: members, blend in-sample and nested, local test score, weights, timings."""
+    names = record["members"]
+    blend_label = f"blend ({record['method']})"
+    width = max(16, len(blend_label) + 1, *(len(n) + 2 for n in names))
+    rows = [f"{'model':<{width}} {'OOF mIoU':>8}   {'pixel acc':>9}"]
+    rows += [f"{n:<{width}} {s['miou']:>8.4f}   {s['pixel_acc']:>9.4f}" for n, s in record["member_scores"].items()]
+    chosen = _chosen_label(record["chosen"], names)
+    rows.append(f"{blend_label:<{width}} {record['oof']['miou']:>8.4f}   "
+                f"{record['oof']['pixel_acc']:>9.4f}   in-sample (chosen: {chosen})")
+    rows.append(f"{'blend (nested)':<{width}} {record['nested']['miou']:>8.4f}   {record['nested']['pixel_acc']:>9.4f}"
+                f"   nested CV, {record['folds']} folds")
+    if record["test"] is not None:
+        t = record["test"]
+        rows.append(f"{'test (local)':<{width}} {t['miou']:>8.4f}   {t['pixel_acc']:>9.4f}   {t['source']}")
+    weights = " ".join(f"{n}={w:.3f}" for n, w in zip(names, record["weights"]))
+    temps = " ".join(f"{n}={t:.2f}" for n, t in zip(names, record["temperatures"]))
+    opt = record["candidates_sample"]["optimiser"]
+    start = record["start_miou_sample"]
+    if record["method"] == "uniform":
+        moved = "n/a (uniform weights, nothing optimised)"
+    elif record["moved"]:
+        moved = f"yes (start {start:.4f} -> {opt:.4f} on the sample)"
+    else:
+        moved = f"NO: it ended where it started ({start:.4f} on the sample)"
+    rows.append(f"weights  {weights}   temperatures {temps}   optimiser moved: {moved}")
+    rows.append("timings  " + ", ".join(f"{k} {v:.1f} s" for k, v in record["timings_s"].items()))
+    where = Path(record["submission"])
+    rows.append(f"{'wrote' if record['written'] else 'dry run, nothing written:'} {where}, "
+                f"{where.with_suffix('.json').name}, plots/{record['name']}_*.png, leaderboard.csv")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        record = run(args)
+    except (ValueError, OSError) as err:  # StoreError, DataError, SubmissionError are ValueErrors
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    print(format_table(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""ensemble/blend.py on fake complete experiment stores written in the kfold/predict.py manifest format.
+
+Model A is right and confident on classes 0-6 and confidently wrong on 7-12; model B is right but soft on
+7-12 and softly wrong on 0-6. Uniform weights follow A everywhere; a blend leaning on B gets every class.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ensemble.blend import main
+from kfold.data.layout import open_root, read_label
+from kfold.data.synthetic import generate
+from kfold.io import save_npy, write_json, write_text
+from kfold.metrics import confusion_matrix, mean_iou
+from kfold.splits import ensure_folds, folds_sha256, read_folds
+from submissions.leaderboard import read_leaderboard
+from submissions.score import score_submission
+from submissions.validate import read_submission, validate_submission
+from tta import apply_temperature
+
+REPO = Path(__file__).resolve().parents[1]
+C = 13
+GOOD_A = set(range(7))
+
+
+def _fake_probs(labels: np.ndarray, good: set[int], peak_good: float, peak_bad: float, rng) -> np.ndarray:
+    """(n, C, h, w) probabilities peaked on the label (good classes) or on a wrong class fixed per image."""
+    n = labels.shape[0]
+    lab = np.where(labels == 255, 11, labels).astype(np.int64)
+    offset = rng.integers(1, C, size=(n, C))  # the wrong class of each (image, true class) region
+    wrong = (lab + np.take_along_axis(offset, lab.reshape(n, -1), 1).reshape(lab.shape)) % C
+    is_good = np.isin(lab, list(good))
+    target = np.where(is_good, lab, wrong)
+    peak = np.where(is_good, peak_good, peak_bad)[:, None]
+    onehot = np.moveaxis(np.eye(C)[target], -1, 1)
+    p = onehot * peak + (1 - onehot) * (1 - peak) / (C - 1)
+    p = p * np.exp(0.3 * rng.standard_normal(p.shape))
+    return (p / p.sum(axis=1, keepdims=True)).astype(np.float16)
+
+
+def write_fake_experiment(runs: Path, name: str, root_path: Path, good: set[int], peaks: tuple[float, float],
+                          seed: int, sha: str | None = None) -> None:
+    """One complete experiment store (every fold) as kfold/predict.py writes it, at half resolution."""
+    root = open_root(root_path, verify=False)
+    folds, sha = read_folds(root), sha or folds_sha256(root)
+    k = max(folds.values()) + 1
+    (H, W), (h, w) = root.image_size, (root.image_size[0] // 2, root.image_size[1] // 2)
+    rows, cols = np.arange(h) * 2 + 1, np.arange(w) * 2 + 1
+
+    def small(split: str, ids) -> np.ndarray:
+        return np.stack([read_label(root.label_path(split, i), C)[rows[:, None], cols[None, :]] for i in ids])
+
+    for f in range(k):
+        rng = np.random.default_rng([seed, f])
+        d = runs / name / f"fold{f}"
+        val = sorted(i for i, g in folds.items() if g == f)
+        oof = _fake_probs(small("train", val), good, *peaks, rng)
+        test = _fake_probs(small("test", root.test_ids), good, *peaks, rng)
+        save_npy(d / "oof.npy", oof)
+        save_npy(d / "test.npy", test)
+        write_text(d / "oof_ids.txt", "".join(f"{i}\n" for i in val))
+        write_text(d / "test_ids.txt", "".join(f"{i}\n" for i in root.test_ids))
+        write_json(d / "manifest.json", {
+            "status": "complete", "experiment": name, "fold": f, "k_folds": k, "n_train": len(folds),
+            "classes": list(root.classes), "num_classes": C, "image_size": [H, W], "store_size": [h, w],
+            "oof_scale": 0.5, "dtype": "float16",
+            "oof": {"file": "oof.npy", "ids_file": "oof_ids.txt", "n": len(val), "shape": list(oof.shape)},
+            "test": {"file": "test.npy", "ids_file": "test_ids.txt", "n": len(test), "shape": list(test.shape)},
+            "tta": {"scales": [1.0], "hflip": False, "temperature": 1.0}, "temperatures": [1.0],
+            "folds_sha256": sha, "data_root": str(root.path.resolve()),
+        })
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    base = tmp_path_factory.mktemp("blend")
+    root = generate(base / "root", n_train=20, n_test=4, size=(32, 48), seed=0)
+    ensure_folds(open_root(root), k=3, seed=42)  # 3 folds: 3 nested fits keep the file fast
+    runs = base / "runs"
+    write_fake_experiment(runs, "exp_a", root, GOOD_A, (0.9, 0.9), seed=1)
+    write_fake_experiment(runs, "exp_b", root, set(range(C)) - GOOD_A, (0.45, 0.15), seed=2)
+    out = base / "sub"
+    rc = main(["--runs-dir", str(runs), "--runs", "exp_a", "exp_b", "--out-dir", str(out), "--name", "ab",
+               "--order", "F", "--seed", "0"])
+    assert rc == 0
+    return {"root": root, "runs": runs, "out": out, "record": json.loads((out / "ab.json").read_text())}
+
+
+def _split_probs(runs: Path, name: str, split: str) -> dict[str, np.ndarray]:
+    """id -> float32 (C, h, w): OOF rows by id, or test rows averaged over the folds."""
+    out: dict[str, list[np.ndarray]] = {}
+    for d in sorted((runs / name).glob("fold*")):
+        ids = (d / f"{split}_ids.txt").read_text().split()
+        for i, row in zip(ids, np.load(d / f"{split}.npy").astype(np.float32)):
+            out.setdefault(i, []).append(row)
+    return {i: np.mean(rows, axis=0) for i, rows in out.items()}
+
+
+def _direct_cm(runs: Path, root: Path, split: str, weights, temps, names=("exp_a", "exp_b"), ids=None) -> np.ndarray:
+    """Confusion of a blend computed image by image, independently of ensemble/stores.py."""
+    r = open_root(root, verify=False)
+    probs = [_split_probs(runs, n, split) for n in names]
+    cm = np.zeros((C, C), dtype=np.int64)
+    for i in sorted(probs[0]) if ids is None else ids:
+        mix = sum(w * apply_temperature(torch.from_numpy(p[i])[None], t) for p, w, t in zip(probs, weights, temps))
+        pred = F.interpolate(mix, size=r.image_size, mode="bilinear", align_corners=False).argmax(1)[0].numpy()
+        cm += confusion_matrix(read_label(r.label_path("train" if split == "oof" else "test", i), C), pred, C)
+    return cm
+
+
+def test_blend_beats_uniform_and_best_single_on_full_res_oof(setup: dict) -> None:
+    rec, runs, root = setup["record"], setup["runs"], setup["root"]
+    blend = mean_iou(_direct_cm(runs, root, "oof", rec["weights"], rec["temperatures"]))
+    assert rec["oof"]["miou"] == pytest.approx(blend, abs=1e-9)  # the streamed score is the direct one
+    uniform = mean_iou(_direct_cm(runs, root, "oof", [0.5, 0.5], [1, 1]))
+    singles = [mean_iou(_direct_cm(runs, root, "oof", w, [1, 1])) for w in ([1, 0], [0, 1])]
+    assert rec["member_scores"]["exp_a"]["miou"] == pytest.approx(singles[0], abs=1e-9)
+    assert blend > uniform + 0.1 and blend > max(singles) + 0.1, (blend, uniform, singles)
+    assert rec["chosen"] == "optimiser" and rec["moved"] and rec["weights"][1] > 0.5
+
+
+def test_nested_is_held_out_full_res_and_not_above_in_sample(setup: dict) -> None:
+    rec, runs, root = setup["record"], setup["runs"], setup["root"]
+    assert [f["fold"] for f in rec["nested_folds"]] == [0, 1, 2]
+    folds = read_folds(open_root(root, verify=False))
+    pooled = sum(_direct_cm(runs, root, "oof", f["weights"], f["temperatures"],
+                            ids=sorted(i for i, g in folds.items() if g == f["fold"])) for f in rec["nested_folds"])
+    assert rec["nested"]["miou"] == pytest.approx(mean_iou(pooled), abs=1e-9)
+    assert 0 < rec["nested"]["miou"] <= rec["oof"]["miou"] + 0.02
+
+
+def test_submission_validates_and_local_score_is_direct(setup: dict) -> None:
+    rec, root, out = setup["record"], setup["root"], setup["out"]
+    r = open_root(root, verify=False)
+    df = read_submission(out / "ab.csv")
+    validate_submission(df, dict.fromkeys(r.test_ids, r.image_size), C, order="F")
+    scored = score_submission(out / "ab.csv", root / "test_labels", C, order="F")
+    direct = mean_iou(_direct_cm(setup["runs"], root, "test", rec["weights"], rec["temperatures"]))
+    assert scored["miou"] == pytest.approx(direct, abs=1e-9) == rec["test"]["miou"]
+    assert (out / "plots" / "ab_weights.png").stat().st_size > 0 and (out / "plots" / "ab_per_class.png").is_file()
+
+
+def test_leaderboard_has_blend_and_member_rows(setup: dict) -> None:
+    board = read_leaderboard(setup["out"] / "leaderboard.csv").set_index("name")
+    assert set(board.index) == {"ab", "exp_a", "exp_b"}
+    assert board.loc["ab", "kind"] == "blend" and board.loc["exp_a", "kind"] == "experiment"
+    assert board.loc["ab", "oof_miou"] == pytest.approx(setup["record"]["oof"]["miou"])
+    assert board.loc["exp_b", "oof_miou"] == pytest.approx(setup["record"]["member_scores"]["exp_b"]["miou"])
+
+
+def test_dry_run_writes_nothing_and_single_member_blends(setup: dict, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "sub"
+    rc = main(["--runs-dir", str(setup["runs"]), "--runs", "exp_b", "--out-dir", str(out), "--dry-run",
+               "--pixels", "2000"])
+    assert rc == 0 and not out.exists()
+    table = capsys.readouterr().out
+    assert "blend (slsqp)" in table and "exp_b=1.000" in table and "dry run" in table
+
+
+def test_missing_fold_manifest_is_one_line_exit_2(setup: dict, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    shutil.copytree(setup["runs"], runs)
+    (runs / "exp_b" / "fold2" / "manifest.json").unlink()
+    proc = subprocess.run([sys.executable, "ensemble/blend.py", "--runs-dir", str(runs), "--runs", "exp_a",
+                           "exp_b", "--out-dir", str(tmp_path / "sub")], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: exp_b fold 2:") and "manifest.json" in lines[0]
+    assert not (tmp_path / "sub").exists()
+
+
+def test_different_folds_are_refused(setup: dict, tmp_path: Path, capsys) -> None:
+    runs = tmp_path / "runs"
+    shutil.copytree(setup["runs"] / "exp_a", runs / "exp_a")
+    write_fake_experiment(runs, "exp_c", setup["root"], GOOD_A, (0.9, 0.9), seed=3, sha="0" * 64)
+    assert main(["--runs-dir", str(runs), "--out-dir", str(tmp_path / "sub")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "different folds.csv" in err and "\n" not in err
+
+
+def test_sample_submission_order_and_hillclimb(setup: dict, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    shutil.copytree(setup["root"], root)
+    ids = sorted(open_root(root, verify=False).test_ids, reverse=True)
+    rows = [f"{i},{c}," for i in ids for c in reversed(range(C))]
+    (root / "sample_submission.csv").write_text("ImageId,ClassId,EncodedPixels\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "sub"
+    rc = main(["--runs-dir", str(setup["runs"]), "--out-dir", str(out), "--data-root", str(root), "--method",
+               "hillclimb", "--no-temperature", "--name", "hc"])
+    assert rc == 0
+    df = read_submission(out / "hc.csv")
+    assert list(zip(df["ImageId"], df["ClassId"].astype(int))) == [(i, c) for i in ids for c in reversed(range(C))]
+    rec = json.loads((out / "hc.json").read_text())
+    assert rec["temperatures"] == [1.0, 1.0] and rec["data_root"] == str(root)
+    assert rec["test"]["miou"] == pytest.approx(score_submission(out / "hc.csv", root / "test_labels", C)["miou"])
+
+
+def test_default_skips_incomplete_and_uses_leaderboard_row(setup: dict, tmp_path: Path, capsys) -> None:
+    runs, out = tmp_path / "runs", tmp_path / "sub"
+    shutil.copytree(setup["runs"], runs)
+    (runs / "exp_b" / "fold1" / "manifest.json").unlink()
+    row = {"name": "exp_a", "kind": "experiment", "members": "exp_a", "weights": "1", "temperatures": "1",
+           "oof_miou": 0.123, "oof_miou_nested": 0.123, "pixel_acc": 0.5, "iou_bed": None, "submission": ""}
+    write_json(runs / "exp_a" / "leaderboard_row.json", row)
+    assert main(["--runs-dir", str(runs), "--out-dir", str(out), "--pixels", "2000"]) == 0
+    captured = capsys.readouterr()
+    assert "skipped exp_b fold 1:" in captured.err and "exp_b" not in captured.out
+    board = read_leaderboard(out / "leaderboard.csv").set_index("name")
+    assert set(board.index) == {"blend_slsqp_exp_a", "exp_a"} and board.loc["exp_a", "oof_miou"] == 0.123
+    assert (out / "blend_slsqp_exp_a.csv").is_file()
