@@ -21,7 +21,7 @@ from kfold.config import ConfigError, Recipe, build_recipe, load_recipe, parse_o
 from kfold.data.layout import DataRoot, open_root
 from kfold.distributed import DistInfo, barrier, cleanup, setup_distributed
 from kfold.io import write_text
-from kfold.models import build_model, load_weights
+from kfold.models import load_weights, model_from_recipe
 from kfold.splits import ensure_folds, folds_sha256, read_folds
 
 log = logging.getLogger("kfold")
@@ -102,7 +102,7 @@ def setup_logging(run_dir: Path, dist: DistInfo) -> None:
     log.handlers.clear()
     log.setLevel(logging.INFO if dist.is_main else logging.WARNING)
     log.propagate = False
-    console = logging.StreamHandler()
+    console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(console)
     if dist.is_main:
@@ -134,8 +134,7 @@ def run_fold(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[str, int],
         weights = run_dir / "model.safetensors"
         if not weights.exists():
             raise FileNotFoundError(f"{weights}: no trained weights to predict from (train this fold first)")
-        model = build_model(recipe.model.arch, recipe.model.encoder, None, recipe.data.in_channels,
-                            root.num_classes, recipe.model.depth_head).to(dist.device)
+        model = model_from_recipe(recipe, root.num_classes, pretrained=False).to(dist.device)
         load_weights(model, weights)
         result = predict_fold(model, recipe, root, fold, val_ids, run_dir, dist.device, folds_sha256(root),
                               recipe.name, amp=amp_dtype(recipe.train.amp, dist.device))

@@ -41,6 +41,7 @@ class ModelConfig:
     arch: str = "fpn"  # fpn | deeplabv3plus
     encoder: str = "tu-convnext_base"  # any smp encoder or timm encoder as "tu-<name>"
     encoder_weights: str | None = "imagenet"
+    decoder_channels: int = 256  # FPN pyramid (segmentation branch: half) or DeepLabV3+ decoder width
     depth_head: bool = True
 
 
@@ -120,17 +121,18 @@ class Recipe:
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
     "demo": {
-        "data.input_size": (128, 160),
-        "data.crop_size": (128, 160),
+        "data.input_size": (64, 96),
+        "data.crop_size": (64, 96),
         "data.num_workers": 0,
         "model.encoder": "resnet18",
         "model.encoder_weights": None,
-        "optim.lr": 2e-3,
-        "schedule.epochs": 8,
+        "model.decoder_channels": 64,
+        "optim.lr": 3e-3,
+        "schedule.epochs": 5,
         "schedule.warmup_epochs": 1,
-        "train.batch_size": 16,
+        "train.batch_size": 8,
         "train.ema_decay": 0.9,
-        "tta.scales": (0.75, 1.0, 1.25),
+        "tta.scales": (1.0,),
         "tta.max_batch": 32,
         "oof.batch_size": 16,
     },
@@ -140,6 +142,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data.num_workers": 0,
         "model.encoder": "resnet18",
         "model.encoder_weights": None,
+        "model.decoder_channels": 32,
         "optim.lr": 1e-3,
         "schedule.epochs": 2,
         "train.batch_size": 4,

@@ -10,6 +10,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from kfold.config import Recipe
+
 ARCHS = {"fpn": smp.FPN, "deeplabv3plus": smp.DeepLabV3Plus}
 INITIAL_DEPTH_M = 3.0  # the depth head starts near a typical indoor distance
 
@@ -24,16 +26,20 @@ class SegDepthNet(nn.Module):
         in_channels: 3 (RGB) or 4 (RGB + inverse depth).
         num_classes: number of segmentation classes.
         depth_head: add the depth head; without it ``forward`` returns logits only.
+        decoder_channels: FPN pyramid channels (the segmentation branch gets half) or DeepLabV3+ decoder width.
     """
 
     def __init__(self, arch: str, encoder: str, encoder_weights: str | None, in_channels: int,
-                 num_classes: int, depth_head: bool = True):
+                 num_classes: int, depth_head: bool = True, decoder_channels: int = 256):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"model.arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
         # Build with 3 channels so pretrained RGB filters load untouched, then add the depth channel ourselves.
+        widths = ({"decoder_pyramid_channels": decoder_channels,
+                   "decoder_segmentation_channels": max(1, decoder_channels // 2)}
+                  if arch == "fpn" else {"decoder_channels": decoder_channels})
         self.net = ARCHS[arch](encoder_name=encoder, encoder_weights=encoder_weights, in_channels=3,
-                               classes=num_classes)
+                               classes=num_classes, **widths)
         if in_channels != 3:
             expand_first_conv(self.net.encoder, in_channels, zero_init=encoder_weights is not None)
         self.in_channels = in_channels
@@ -80,9 +86,16 @@ def expand_first_conv(encoder: nn.Module, in_channels: int, zero_init: bool) -> 
 
 
 def build_model(arch: str, encoder: str, encoder_weights: str | None, in_channels: int, num_classes: int,
-                depth_head: bool = True) -> SegDepthNet:
+                depth_head: bool = True, decoder_channels: int = 256) -> SegDepthNet:
     """Build a :class:`SegDepthNet` (see its arguments)."""
-    return SegDepthNet(arch, encoder, encoder_weights, in_channels, num_classes, depth_head)
+    return SegDepthNet(arch, encoder, encoder_weights, in_channels, num_classes, depth_head, decoder_channels)
+
+
+def model_from_recipe(recipe: Recipe, num_classes: int, pretrained: bool = True) -> SegDepthNet:
+    """The recipe's model; ``pretrained=False`` skips downloading weights that are about to be replaced."""
+    m = recipe.model
+    return build_model(m.arch, m.encoder, m.encoder_weights if pretrained else None, recipe.data.in_channels,
+                       num_classes, m.depth_head, m.decoder_channels)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

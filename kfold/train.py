@@ -33,7 +33,7 @@ from kfold.data.transforms import eval_transform, train_transform
 from kfold.distributed import DistInfo, all_reduce_sum, broadcast_buffers
 from kfold.losses import SegDepthLoss
 from kfold.metrics import DepthMeter, confusion_matrix_torch, iou_per_class, mean_iou, pixel_accuracy
-from kfold.models import build_model, load_weights
+from kfold.models import load_weights, model_from_recipe
 
 log = logging.getLogger("kfold")
 
@@ -234,8 +234,7 @@ def fit_fold(recipe: Recipe, root: DataRoot, run_dir: Path, train_ids: Sequence[
     """
     device, cfg = dist.device, recipe.train
     torch.manual_seed(cfg.seed)
-    model = build_model(recipe.model.arch, recipe.model.encoder, recipe.model.encoder_weights,
-                        recipe.data.in_channels, root.num_classes, recipe.model.depth_head).to(device)
+    model = model_from_recipe(recipe, root.num_classes).to(device)
     if weights_path:
         load_weights(model, weights_path)
     loss_fn = build_loss(recipe, root.classes).to(device)

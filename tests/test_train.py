@@ -18,7 +18,7 @@ from kfold.cli import main
 from kfold.config import build_recipe, load_recipe
 from kfold.data.layout import open_root
 from kfold.distributed import DistInfo
-from kfold.models import build_model, load_weights
+from kfold.models import build_model, load_weights, model_from_recipe
 from kfold.splits import read_folds
 from kfold.train import build_loaders, evaluate, warmup_cosine
 
@@ -99,7 +99,7 @@ def test_torchrun_two_cpu_processes_count_each_image_once(synthetic_root, tmp_pa
     ddp_miou = pd.read_csv(run / "metrics.csv")["val_miou"].iloc[-1]
     recipe = load_recipe(run / "config.yaml")
     val_ids = [i for i in root.train_ids if fold_of[i] == fold]
-    model = build_model(recipe.model.arch, recipe.model.encoder, None, 3, root.num_classes)
+    model = model_from_recipe(recipe, root.num_classes, pretrained=False)
     load_weights(model, run / "model.safetensors")
     loader = build_loaders(recipe, root, val_ids[:4], val_ids, DistInfo()).val_loader
     threads = torch.get_num_threads()

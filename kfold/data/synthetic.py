@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import bisect
 import colorsys
 import ctypes
 import sys
@@ -54,6 +55,8 @@ _MIX = {
     "frame": {"wood": 4, "dark": 3, "white": 3},
     "curtain": {"fabric": 6, "white": 2.5, "pastel": 1.5},
 }
+
+_MIX_CDF = {k: (tuple(m), tuple(np.cumsum(list(m.values())) / sum(m.values()))) for k, m in _MIX.items()}
 
 
 @dataclass
@@ -106,15 +109,15 @@ class _Builder:
         """Colour and texture of a new box of material ``kind`` or of a class (a name in ``_MIX``)."""
         r = self.rng
         if kind in _MIX:
-            names, weights = zip(*_MIX[kind].items(), strict=True)
-            kind = names[r.choice(len(names), p=np.array(weights) / sum(weights))]
+            names, cumulative = _MIX_CDF[kind]
+            kind = names[bisect.bisect(cumulative, r.random())]
         if kind == "bright" or (kind == "fabric" and r.random() < 0.4):
             base = _hsv(r.random(), r.uniform(0.3, 0.9), r.uniform(0.3, 0.95))
         elif kind == "fabric":
             base = self.mats["fabric"][int(r.integers(2))]
         else:
             base = self.mats[kind]
-        tex = dict(rgb=np.clip(base * r.normal(1, 0.06, 3), 0, 1), noise_amp=r.uniform(0.02, 0.06),
+        tex = dict(rgb=(base * r.normal(1, 0.06, 3)).clip(0, 1), noise_amp=r.uniform(0.02, 0.06),
                    noise_freq=r.uniform(15, 60))  # fmt: skip
         if kind == "wood":
             tex.update(stripe_amp=r.uniform(0.04, 0.14), stripe_fu=r.uniform(20, 80), noise_amp=0.08)
@@ -552,7 +555,7 @@ def build_room(rng: np.random.Generator) -> Room:
               b.material("white") | dict(emissive=r.uniform(0.3, 1.0)))  # fmt: skip
     lo, hi, cls, params = zip(*b.boxes, strict=True)
     gain = 255 * r.uniform(0.8, 1.15) * r.normal(1, 0.05, 3)  # exposure and white balance
-    noise = np.fft.ifft2(np.fft.fft2(r.standard_normal((_NOISE, _NOISE))) * _LOWPASS).real
+    noise = np.fft.irfft2(np.fft.rfft2(r.standard_normal((_NOISE, _NOISE))) * _LOWPASS, s=(_NOISE, _NOISE))
     return Room(
         dims=b.dims, lo=np.array(lo, np.float32), hi=np.array(hi, np.float32), classes=np.array(cls, np.uint8),
         colours=(np.array(params)[:, :3] * gain).astype(np.float32),
@@ -564,9 +567,8 @@ def build_room(rng: np.random.Generator) -> Room:
     )  # fmt: skip
 
 
-_f = np.fft.fftfreq(_NOISE)
 # correlated over ~6 cells, so nearest-cell lookups show no blocks
-_LOWPASS = np.exp(-(_f[:, None] ** 2 + _f[None, :] ** 2) / (2 * 0.025**2))
+_LOWPASS = np.exp(-(np.fft.fftfreq(_NOISE)[:, None] ** 2 + np.fft.rfftfreq(_NOISE)[None, :] ** 2) / (2 * 0.025**2))
 
 
 def _camera(rng: np.random.Generator, room: Room) -> tuple[np.ndarray, np.ndarray]:
