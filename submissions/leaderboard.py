@@ -172,6 +172,23 @@ def ranked(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values(["oof_miou_nested", "oof_miou"], ascending=False, na_position="last", kind="stable")
 
 
+def sync_experiment_rows(runs_dir: str | os.PathLike, path: str | os.PathLike = DEFAULT_PATH) -> list[str]:
+    """Upsert the row every experiment report left in ``<runs_dir>/<exp>/leaderboard_row.json``.
+
+    Experiment reports are written by ``kfold``, which must not import this package; they leave their row
+    as JSON and the leaderboard picks it up here.
+    """
+    names = []
+    for row_file in sorted(Path(runs_dir).glob("*/leaderboard_row.json")):
+        try:
+            row = json.loads(row_file.read_text())
+        except ValueError as e:
+            raise SubmissionError(f"{row_file}: not valid JSON ({e})") from None
+        upsert_leaderboard(row, path)
+        names.append(str(row.get("name", row_file.parent.name)))
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m submissions.leaderboard", description=__doc__.splitlines()[0]
@@ -181,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--record-lb", nargs=2, metavar=("NAME", "SCORE"), help="store a public LB score")
     parser.add_argument("--all", action="store_true", help="print every column (per-class IoU included)")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs"),
+                        help="pick up experiment reports from here first (default runs)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     try:
@@ -193,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             record_public_lb(name, score, args.path)
             print(f"{args.path}: {name} public_lb = {score}")
             return 0
+        sync_experiment_rows(args.runs_dir, args.path)
         df = read_leaderboard(args.path)
     except (SubmissionError, OSError) as e:
         if args.debug:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import multiprocessing
 import os
 import subprocess
@@ -411,3 +412,15 @@ def test_submissions_imports_no_torch():
 def test_read_leaderboard_missing_file_is_empty(tmp_path):
     df = read_leaderboard(tmp_path / "none.csv")
     assert isinstance(df, pd.DataFrame) and df.empty and "public_lb" in df.columns
+
+
+def test_leaderboard_picks_up_experiment_reports(tmp_path):
+    from submissions.leaderboard import main as leaderboard_main
+    from submissions.leaderboard import read_leaderboard as read_board
+
+    (tmp_path / "runs" / "exp1").mkdir(parents=True)
+    row = {"name": "exp1", "kind": "experiment", "members": "exp1", "oof_miou": 0.5, "oof_miou_nested": 0.5}
+    (tmp_path / "runs" / "exp1" / "leaderboard_row.json").write_text(json.dumps(row))
+    board = tmp_path / "leaderboard.csv"
+    assert leaderboard_main(["--path", str(board), "--runs-dir", str(tmp_path / "runs")]) == 0
+    assert list(read_board(board)["name"]) == ["exp1"]
