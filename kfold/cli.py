@@ -122,6 +122,9 @@ def run_fold(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[str, int],
     train_ids = [i for i in root.train_ids if fold_of[i] != fold]
     val_ids = [i for i in root.train_ids if fold_of[i] == fold]
     setup_logging(run_dir, dist)
+    if dist.is_main:
+        for stale in run_dir.glob(".*.tmp"):  # left by a killed write; never read, only taking space
+            stale.unlink(missing_ok=True)
     if not args.predict_only:
         if dist.is_main:
             write_config(run_dir, recipe, root, fold)

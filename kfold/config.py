@@ -142,7 +142,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data.num_workers": 0,
         "model.encoder": "resnet18",
         "model.encoder_weights": None,
-        "model.decoder_channels": 32,
+        "model.decoder_channels": 64,
         "optim.lr": 1e-3,
         "schedule.epochs": 2,
         "train.batch_size": 4,
@@ -294,16 +294,19 @@ def from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
             for name, value in values.items():
                 set_key(recipe, f"{section}.{name}", value)
         else:
-            try:
-                set_key(recipe, section, values)
-            except ConfigError as err:
-                raise ConfigError(f"{source}: {err}") from None
+            set_key(recipe, section, values)
     return recipe
 
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read a recipe from a ``config.yaml`` written by a run (its ``recipe`` section)."""
-    data = yaml.safe_load(Path(path).read_text())
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(data, dict) or "recipe" not in data:
         raise ConfigError(f"{path}: no 'recipe' section")
-    return from_dict(data["recipe"], source=str(path))
+    try:
+        return from_dict(data["recipe"], source=str(path))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None

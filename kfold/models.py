@@ -35,6 +35,9 @@ class SegDepthNet(nn.Module):
         if arch not in ARCHS:
             raise ValueError(f"model.arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
         # Build with 3 channels so pretrained RGB filters load untouched, then add the depth channel ourselves.
+        if arch == "fpn" and decoder_channels % 64:
+            # smp's FPN segmentation branch (half the width) uses GroupNorm with 32 groups.
+            raise ValueError(f"model.decoder_channels: FPN needs a multiple of 64, got {decoder_channels}")
         widths = ({"decoder_pyramid_channels": decoder_channels,
                    "decoder_segmentation_channels": max(1, decoder_channels // 2)}
                   if arch == "fpn" else {"decoder_channels": decoder_channels})
@@ -107,7 +110,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights file not found")
     if path.suffix == ".safetensors":
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as err:  # noqa: BLE001 - SafetensorError is not a ValueError
+            raise ValueError(f"{path}: not a readable safetensors file ({str(err).strip()})") from None
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is reported the same way

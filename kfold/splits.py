@@ -15,6 +15,7 @@ import csv
 import fcntl
 import hashlib
 import io
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -208,19 +209,28 @@ def fold_summary(root: DataRoot, folds: dict[str, int]) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("fold")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     """Command line: write (or check) folds.csv and print per-fold counts and class pixel shares."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", type=Path, required=True)
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = parser.parse_args(argv)
-    root = open_root(args.data_root)
-    path = ensure_folds(root, k=args.k, seed=args.seed)
+    try:
+        root = open_root(args.data_root)
+        path = ensure_folds(root, k=args.k, seed=args.seed)
+        summary = fold_summary(root, read_folds(root))
+    except (ValueError, OSError) as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     with pd.option_context("display.width", 200, "display.max_columns", 50):
-        print(fold_summary(root, read_folds(root)).to_string())
+        print(summary.to_string())
     print(f"{path}  sha256 {folds_sha256(root)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -36,6 +36,7 @@ from kfold.metrics import DepthMeter, confusion_matrix_torch, iou_per_class, mea
 from kfold.models import load_weights, model_from_recipe
 
 log = logging.getLogger("kfold")
+MAX_SKIPPED_STEPS = 20  # fp16 steps with a non-finite loss that one epoch may drop before the run stops
 
 
 def derived_seed(*keys: int) -> int:
@@ -178,7 +179,7 @@ def train_one_epoch(model: nn.Module, train_model: nn.Module, ema: ModelEmaV3, l
         model.encoder.eval()  # frozen means frozen: no BatchNorm statistics drift either
     steps = min(len(loader), recipe.train.max_steps_per_epoch or len(loader))
     sums: dict[str, float] = {}
-    start, seen = time.perf_counter(), 0
+    start, seen, skipped = time.perf_counter(), 0, 0
     bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{recipe.schedule.epochs}", leave=False,
                disable=None if show else True, dynamic_ncols=True)
     for step, batch in enumerate(bar):
@@ -188,9 +189,14 @@ def train_one_epoch(model: nn.Module, train_model: nn.Module, ema: ModelEmaV3, l
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             seg, depth_pred = split_outputs(train_model(image))
         loss, parts = loss_fn(seg.float(), None if depth_pred is None else depth_pred.float(), label, depth, image)
-        if not torch.isfinite(loss) and scaler is None:
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                                     "the last good checkpoint is last.pt")
+        if not torch.isfinite(loss):
+            if scaler is None or skipped >= MAX_SKIPPED_STEPS:
+                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                                         "the last good checkpoint is last.pt")
+            # fp16: the scaler lowers its scale and the step is dropped; nothing else may advance either.
+            skipped += 1
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+            continue
         optimizer.zero_grad(set_to_none=True)
         (scaler.scale(loss) if scaler else loss).backward()
         if recipe.optim.grad_clip:
@@ -209,7 +215,8 @@ def train_one_epoch(model: nn.Module, train_model: nn.Module, ema: ModelEmaV3, l
         seen += image.shape[0]
         bar.set_postfix(loss=f"{parts['total']:.3f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}",
                         img_s=f"{seen / (time.perf_counter() - start):.1f}")
-    means = {f"train_{k}": v / max(1, steps) for k, v in sums.items()}
+    means = {f"train_{k}": v / max(1, steps - skipped) for k, v in sums.items()}
+    means["skipped_steps"] = skipped
     means["images_per_s"] = seen / (time.perf_counter() - start)
     return means
 
@@ -289,13 +296,13 @@ def fit_fold(recipe: Recipe, root: DataRoot, run_dir: Path, train_ids: Sequence[
             log.info("epoch %d/%d loss %.4f val mIoU %.4f pixel acc %.4f (%.1f img/s)", epoch + 1, s.epochs,
                      row.get("train_total", float("nan")), row["val_miou"], row["val_pixel_acc"],
                      row["images_per_s"])
-            write_metrics(run_dir / "metrics.csv", rows)
             if cfg.select == "best" and improved:
                 save_weights(run_dir / "best.safetensors", ema.module, {"epoch": str(epoch + 1)})
             save_checkpoint(run_dir / "last.pt", model=model.state_dict(), ema=ema.module.state_dict(),
                             loss=loss_fn.state_dict(), optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else {},
                             epoch=epoch + 1, best_miou=best_miou, rows=rows, rng=rng_state())
+            write_metrics(run_dir / "metrics.csv", rows)  # after last.pt: never ahead of what can resume
     if dist.is_main:
         finalize_weights(run_dir, ema.module, cfg.select, rows)
     return rows
