@@ -20,16 +20,19 @@ $(STAMP): requirements.txt pyproject.toml
 DEMO_DATA := data/synthetic
 DEMO_EXPERIMENTS := exp093_2 exp093_5
 DEMO_ARGS := --preset demo --data-root $(DEMO_DATA) --resume
+# Different seeds give the two demo models different initial weights and augmentations, as separately
+# launched experiments would have; with one seed they differ only in the depth channel.
+DEMO_SEED_exp093_2 := 42
+DEMO_SEED_exp093_5 := 43
 
 demo: $(STAMP)
 	@test -f $(DEMO_DATA)/scenes.csv || \
 	  $(PY) -m kfold.data.synthetic --out $(DEMO_DATA) --train 200 --test 50 --size 120x160 --seed 0
 	@mkdir -p runs
-	@echo "training $(DEMO_EXPERIMENTS) on 5 folds each (progress bars in runs/<experiment>.stderr)"
+	@echo "training $(DEMO_EXPERIMENTS) on 5 folds each, in parallel (progress bars in runs/<experiment>.stderr)"
 	@set -o pipefail; \
-	for exp in $(DEMO_EXPERIMENTS); do \
-	  (OMP_NUM_THREADS=1 $(PY) experiments/$$exp.py $(DEMO_ARGS) 2>runs/$$exp.stderr | sed -u "s/^/[$$exp] /") & \
-	done; \
+	$(foreach exp,$(DEMO_EXPERIMENTS),(OMP_NUM_THREADS=1 $(PY) experiments/$(exp).py $(DEMO_ARGS) \
+	  --opts train.seed $(DEMO_SEED_$(exp)) 2>runs/$(exp).stderr | sed -u "s/^/[$(exp)] /") & ) \
 	failed=0; for job in $$(jobs -p); do wait $$job || failed=1; done; \
 	if [ $$failed = 1 ]; then tail -n 3 runs/*.stderr; exit 1; fi
 	$(PY) ensemble/blend.py --runs $(DEMO_EXPERIMENTS) --name demo_blend

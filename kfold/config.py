@@ -128,7 +128,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model.encoder_weights": None,
         "model.decoder_channels": 64,
         "optim.lr": 3e-3,
-        "schedule.epochs": 5,
+        "schedule.epochs": 10,
         "schedule.warmup_epochs": 1,
         "train.batch_size": 8,
         "train.ema_decay": 0.9,
