@@ -115,6 +115,7 @@ def setup_logging(run_dir: Path, dist: DistInfo) -> None:
 def run_fold(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[str, int], args: argparse.Namespace,
              dist: DistInfo) -> None:
     """Train (unless ``--predict-only``) and predict one fold."""
+    from kfold.plots import plot_curves
     from kfold.predict import predict_fold  # prediction pulls in tta; keep `--help` fast
     from kfold.train import amp_dtype, fit_fold
 
@@ -132,6 +133,8 @@ def run_fold(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[str, int],
                  len(val_ids), run_dir)
         fit_fold(recipe, root, run_dir, train_ids, val_ids, dist, resume=args.resume,
                  weights_path=args.weights_path)
+        if dist.is_main:
+            plot_curves(run_dir / "metrics.csv", run_dir / "plots" / "curves.png")
     barrier()
     if dist.is_main:
         weights = run_dir / "model.safetensors"

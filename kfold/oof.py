@@ -368,7 +368,8 @@ def full_res_argmax(probs: Tensor, size: tuple[int, int], temperature: float = 1
     return out
 
 
-def _as_root(root: DataRoot | str | Path | None, store: ExperimentStore) -> DataRoot:
+def resolve_root(root: DataRoot | str | Path | None, store: ExperimentStore) -> DataRoot:
+    """The given root, or the one the store recorded (opened without re-verifying every file)."""
     if isinstance(root, DataRoot):
         return root
     return open_root(root if root is not None else store.data_root, verify=False)
@@ -389,7 +390,7 @@ def score_experiment(
         ``miou``, ``pixel_acc``, ``per_class_iou`` ({class: IoU}), ``confusion_matrix`` (C, C) int64,
         ``temperature`` and ``n_images``.
     """
-    root = _as_root(root, store)
+    root = resolve_root(root, store)
     if tuple(root.classes) != tuple(store.classes):
         raise StoreError(f"{store.name}: classes {list(store.classes)} differ from {root.path}'s {list(root.classes)}")
     C = store.num_classes

@@ -24,7 +24,8 @@ import numpy as np
 from kfold.data.layout import DataError, DataRoot
 from kfold.io import atomic_path, write_json, write_text
 from kfold.metrics import mean_iou, pixel_accuracy
-from kfold.oof import ExperimentStore, StoreError, list_experiments, open_experiment, score_experiment
+from kfold.oof import ExperimentStore, StoreError, list_experiments, open_experiment, resolve_root, score_experiment
+from kfold.plots import plot_qualitative
 
 POOLED = "pooled confusion matrices"
 MEAN_OF_FOLDS = "mean of fold mIoUs"
@@ -192,6 +193,8 @@ def experiment_report(
     plot_per_class_iou(score["per_class_iou"], score["miou"], files["per_class_iou"], f"{name}: OOF per-class IoU")
     plot_confusion(score["confusion_matrix"], store.classes, files["confusion"],
                    f"{name}: OOF confusion (row-normalised)")
+    files["qualitative"] = exp_dir / "plots" / "qualitative.png"
+    plot_qualitative(store, resolve_root(root, store), files["qualitative"])
     row = {
         "name": name,
         "kind": "experiment",

@@ -1,0 +1,76 @@
+"""Plots a person would rather look at: training curves per fold, a qualitative grid of OOF images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from kfold.data.layout import IGNORE_INDEX, DataRoot, read_depth, read_label, read_rgb  # noqa: E402
+from kfold.io import atomic_path  # noqa: E402
+from kfold.oof import ExperimentStore, full_res_argmax  # noqa: E402
+
+
+def save_figure(fig: plt.Figure, path: Path) -> None:
+    """Save ``fig`` as a PNG atomically and close it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_curves(metrics_csv: Path, path: Path) -> None:
+    """Losses, learning rate and validation mIoU / pixel accuracy per epoch from a fold's ``metrics.csv``."""
+    rows = pd.read_csv(metrics_csv)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    parts = [c for c in rows.columns if c.startswith("train_") and c != "train_total" and rows[c].abs().sum() > 0]
+    for column in parts + ["train_total"]:
+        axes[0].plot(rows["epoch"], rows[column], marker=".", label=column.removeprefix("train_"),
+                     linewidth=2.5 if column == "train_total" else 1.2)
+    axes[0].set(title="training loss", xlabel="epoch")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(rows["epoch"], rows["lr"], marker=".")
+    axes[1].set(title="learning rate (decoder; end of epoch)", xlabel="epoch")
+    axes[2].plot(rows["epoch"], rows["val_miou"], marker=".", label="mIoU")
+    axes[2].plot(rows["epoch"], rows["val_pixel_acc"], marker=".", label="pixel accuracy")
+    axes[2].set(title="validation (EMA weights)", xlabel="epoch", ylim=(0, 1))
+    axes[2].legend(fontsize=8)
+    fig.suptitle(f"{metrics_csv.parent.parent.name} / {metrics_csv.parent.name}", y=1.03)
+    save_figure(fig, path)
+
+
+def class_colours(num_classes: int) -> np.ndarray:
+    """(num_classes + 1, 3) uint8 colours; the last one (black) is for ignored pixels."""
+    cmap = plt.get_cmap("tab20", max(num_classes, 1))
+    colours = (np.array([cmap(i)[:3] for i in range(num_classes)]) * 255).astype(np.uint8)
+    return np.vstack([colours, np.zeros((1, 3), np.uint8)])
+
+
+def plot_qualitative(store: ExperimentStore, root: DataRoot, path: Path, n_images: int = 4) -> None:
+    """Rows of OOF images: RGB | depth | label | prediction | error (red = wrong, grey = ignored)."""
+    ids = store.ids[:: max(1, len(store.ids) // n_images)][:n_images]
+    colours = class_colours(store.num_classes)
+    fig, axes = plt.subplots(len(ids), 5, figsize=(15, 2.6 * len(ids)), squeeze=False)
+    for row, (image_id, probs) in enumerate((i, p) for chunk_ids, chunk in store.iter_oof(len(ids), ids)
+                                            for i, p in zip(chunk_ids, chunk)):
+        label = read_label(root.label_path("train", image_id), root.num_classes)
+        pred = full_res_argmax(torch.from_numpy(probs[None]), label.shape)[0].numpy()
+        ignored = label == IGNORE_INDEX
+        error = np.where(ignored[..., None], 128, np.where((pred != label)[..., None], [220, 30, 30], 255))
+        panels = [read_rgb(root.image_path("train", image_id)), read_depth(root.depth_path("train", image_id)),
+                  colours[np.where(ignored, store.num_classes, label)], colours[pred], error.astype(np.uint8)]
+        for col, (title, panel) in enumerate(zip(["RGB", "depth (m)", "label", "prediction", "error"], panels)):
+            ax = axes[row, col]
+            ax.imshow(panel, cmap="viridis" if panel.ndim == 2 else None)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{image_id}: {title}" if col == 0 else title, fontsize=9)
+    handles = [matplotlib.patches.Patch(color=colours[i] / 255, label=name) for i, name in enumerate(store.classes)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(7, len(handles)), fontsize=8)
+    fig.suptitle(f"{store.name}: OOF predictions")
+    save_figure(fig, path)
