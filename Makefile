@@ -16,7 +16,8 @@ $(STAMP): requirements.txt pyproject.toml
 
 # The demo: synthetic rooms, two experiments x 5 folds (CPU-sized preset, one process per experiment,
 # one thread each: on 2 cores that beats two threads per process), the blend, the submission and its score.
-# Re-running it skips finished folds and resumes unfinished ones.
+# Re-running it skips finished folds and resumes unfinished ones. Background jobs ignore Ctrl-C, so the
+# trap passes it on to the whole process group.
 DEMO_DATA := data/synthetic
 DEMO_EXPERIMENTS := exp093_2 exp093_5
 DEMO_ARGS := --preset demo --data-root $(DEMO_DATA) --resume
@@ -31,6 +32,7 @@ demo: $(STAMP)
 	@mkdir -p runs
 	@echo "training $(DEMO_EXPERIMENTS) on 5 folds each, in parallel (progress bars in runs/<experiment>.stderr)"
 	@set -o pipefail; \
+	trap 'trap - INT TERM; echo "interrupted: run make demo again to finish"; kill -TERM 0' INT TERM; \
 	$(foreach exp,$(DEMO_EXPERIMENTS),(OMP_NUM_THREADS=1 $(PY) experiments/$(exp).py $(DEMO_ARGS) \
 	  --opts train.seed $(DEMO_SEED_$(exp)) 2>runs/$(exp).stderr | sed -u "s/^/[$(exp)] /") & ) \
 	failed=0; for job in $$(jobs -p); do wait $$job || failed=1; done; \
