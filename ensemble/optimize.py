@@ -6,6 +6,7 @@ and report success. Here ``slsqp`` optimises a smooth surrogate (soft Jaccard of
 with an analytic gradient, then polishes on the true weighted mIoU by a derivative-free pattern search;
 ``hillclimb`` is greedy ensemble selection (Caruana et al. 2004). Whatever the method, the chosen blend is
 never worse on the sample than uniform weights or the best single model.
+The true-mIoU evaluator and the derivative-free searches live in ``ensemble.search``.
 
 All inputs are pixel samples: probabilities (P, C) per model, labels (P,), and per-pixel weights that
 restore population class frequencies (``ensemble.sampling.stratified_pixel_sample``).
@@ -23,10 +24,10 @@ import scipy.optimize
 import torch
 from torch import Tensor
 
+from ensemble.search import T_BOUNDS, Evaluator, accumulate_weighted, hillclimb, pattern_search, weighted_confusion
 from kfold.metrics import mean_iou
 from tta.functional import apply_temperature
 
-T_BOUNDS = (0.5, 2.0)
 METHODS = ("slsqp", "hillclimb", "uniform")
 
 
@@ -97,34 +98,8 @@ def blend_probs(
             raise ValueError(f"model {i} probabilities have shape {tuple(t.shape)}, model 0 {tuple(shape)}")
     out = None
     for p, w, temp in zip(tensors, weights, temps):
-        out = _accumulate(out, apply_temperature(p, float(temp), dim=axis), float(w))
+        out = accumulate_weighted(out, apply_temperature(p, float(temp), dim=axis), float(w))
     return out.numpy() if as_numpy else out
-
-
-def _accumulate(acc: Tensor | None, q: Tensor, w: float) -> Tensor:
-    # The one float32 summation used by blend_probs and by the fit, so their argmaxes agree.
-    return q * w if acc is None else acc.add_(q, alpha=w)
-
-
-def weighted_confusion(
-    labels: np.ndarray | Tensor,
-    pred: np.ndarray | Tensor,
-    sample_weight: np.ndarray | Tensor,
-    num_classes: int,
-) -> np.ndarray:
-    """(C, C) float64 confusion matrix (rows = target, cols = prediction) with per-pixel weights.
-
-    Args:
-        labels: (P,) int class ids in [0, C) (no ignore pixels: they are never sampled).
-        pred: (P,) int predicted class ids.
-        sample_weight: (P,) weights, e.g. population / sample class counts.
-        num_classes: C.
-    """
-    # numpy's bincount is single-threaded: torch's slows down badly on a busy 2-core machine.
-    flat = np.asarray(labels, dtype=np.int64) * num_classes + np.asarray(pred, dtype=np.int64)
-    w = np.asarray(sample_weight, dtype=np.float64)
-    cm = np.bincount(flat, weights=w, minlength=num_classes * num_classes)
-    return cm.reshape(num_classes, num_classes)
 
 
 def score_blend(
@@ -234,131 +209,6 @@ def fit_temperature_nll(probs: np.ndarray, labels: np.ndarray, sample_weight: np
 
     res = scipy.optimize.minimize_scalar(nll, bounds=np.log(T_BOUNDS), method="bounded")
     return float(np.exp(res.x))
-
-
-class Evaluator:
-    """True weighted mIoU of blends on fixed sample pixels, with re-tempered probabilities cached.
-
-    Same arithmetic as ``score_blend``: the same ``apply_temperature`` and float32 summation (a zero-weight
-    term adds exact zeros, so skipping it changes nothing).
-    """
-
-    def __init__(
-        self,
-        model_probs: Sequence[np.ndarray],
-        labels: np.ndarray,
-        sample_weight: np.ndarray,
-        num_classes: int,
-    ):
-        if len(model_probs) == 0:
-            raise ValueError("need at least one model")
-        labels = np.asarray(labels)
-        n = labels.shape[0]
-        for i, p in enumerate(model_probs):
-            if p.shape != (n, num_classes):
-                raise ValueError(f"model {i} probabilities: shape {p.shape}, expected ({n}, {num_classes})")
-        if np.shape(sample_weight) != (n,) or not np.all(np.asarray(sample_weight) > 0):
-            raise ValueError(f"sample_weight must be ({n},) and > 0, got shape {np.shape(sample_weight)}")
-        if n == 0 or labels.min() < 0 or labels.max() >= num_classes:
-            raise ValueError(f"labels must be a non-empty (P,) array in [0, {num_classes})")
-        self.probs = [torch.from_numpy(np.ascontiguousarray(p, dtype=np.float32)) for p in model_probs]
-        self.labels = torch.from_numpy(labels.astype(np.int64))
-        self.sample_weight = torch.from_numpy(np.asarray(sample_weight, dtype=np.float64))
-        self._labels_np, self._weight_np = self.labels.numpy(), self.sample_weight.numpy()
-        self.num_classes = num_classes
-        self.n_models = len(model_probs)
-        self.n_evals = 0
-        self._cache: dict[tuple[int, float], Tensor] = {}
-
-    def tempered(self, i: int, temperature: float) -> Tensor:
-        """softmax(log p_i / T), float32 (P, C); a small cache keeps the most recent ones."""
-        key = (i, float(temperature))
-        if key not in self._cache:
-            if len(self._cache) >= 3 * self.n_models:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = apply_temperature(self.probs[i], float(temperature), dim=1)
-        return self._cache[key]
-
-    def score_pred(self, pred: Tensor) -> float:
-        """Weighted mIoU of predicted class ids (P,); counts as one evaluation."""
-        self.n_evals += 1
-        cm = weighted_confusion(self._labels_np, pred.numpy(), self._weight_np, self.num_classes)
-        return float(mean_iou(cm))
-
-    def miou(self, weights: np.ndarray, temperatures: np.ndarray) -> float:
-        """Weighted true mIoU of argmax(sum_m w_m softmax(log p_m / T_m))."""
-        acc = None
-        for i, (w, t) in enumerate(zip(weights, temperatures)):
-            if w != 0:
-                acc = _accumulate(acc, self.tempered(i, t), float(w))
-        return self.score_pred(acc.argmax(dim=1))
-
-
-def pattern_search(
-    ev: Evaluator, w: np.ndarray, log_t: np.ndarray, cur: float, fit_temperature: bool, max_evals: int
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Derivative-free polish on the true mIoU: best-improvement compass search on the simplex.
-
-    Moves shift ``step`` of weight from model j to model i (staying on the simplex) and, with temperatures,
-    move one model's log T by +-step within ``T_BOUNDS``; steps halve when no move improves.
-    """
-    m = ev.n_models
-    lo, hi = np.log(T_BOUNDS)
-    step_w, step_t, used = 0.1, 0.2, 0
-    moves = [("w", i, j) for i in range(m) for j in range(m) if i != j]
-    if fit_temperature:
-        moves += [("t", i, sign) for i in range(m) for sign in (1, -1)]
-    while used < max_evals and step_w >= 0.01:
-        best = None
-        for kind, i, j in moves:
-            if used >= max_evals:
-                break
-            cw, ct = w.copy(), log_t.copy()
-            if kind == "w":
-                d = min(step_w, w[j])
-                cw[i], cw[j] = w[i] + d, max(w[j] - d, 0.0)
-            else:
-                ct[i] = np.clip(log_t[i] + j * step_t, lo, hi)
-                d = abs(ct[i] - log_t[i])
-            if d <= 1e-12:
-                continue
-            val = ev.miou(cw, np.exp(ct))
-            used += 1
-            if val > cur + 1e-12 and (best is None or val > best[0]):
-                best = (val, cw, ct)
-        if best is None:
-            step_w, step_t = step_w / 2, step_t / 2
-        else:
-            cur, w, log_t = best
-    return w, log_t, cur
-
-
-def hillclimb(
-    ev: Evaluator, temperatures: np.ndarray, rounds: int, rng: np.random.Generator
-) -> tuple[np.ndarray, int, str]:
-    """Greedy ensemble selection with replacement (Caruana et al. 2004; AutoGluon's EnsembleSelection).
-
-    Start empty; each round add the model whose addition gives the best true mIoU of the running mean
-    (ties broken at random, as auto-sklearn does). Returns (counts / rounds, first pick, message).
-    """
-    if rounds < 1:
-        raise ValueError(f"hillclimb rounds must be >= 1, got {rounds}")
-    tempered = [ev.tempered(i, t) for i, t in enumerate(temperatures)]
-    acc = torch.zeros_like(tempered[0])
-    counts = np.zeros(ev.n_models)
-    trace, picks = [], []
-    for _ in range(rounds):
-        # argmax of (sum + q_i) equals argmax of the mean: no division needed.
-        scores = np.array([ev.score_pred((acc + q).argmax(dim=1)) for q in tempered])
-        ties = np.flatnonzero(scores == scores.max())
-        pick = int(ties[0] if len(ties) == 1 else rng.choice(ties))
-        acc += tempered[pick]
-        counts[pick] += 1
-        picks.append(pick)
-        trace.append(float(scores.max()))
-    msg = (f"hillclimb: {rounds} rounds, counts {counts.astype(int).tolist()}, running-mean mIoU "
-           f"{trace[0]:.4f} (model {picks[0]}) -> {trace[-1]:.4f}")
-    return counts / rounds, picks[0], msg
 
 
 def _fit_slsqp(
