@@ -24,7 +24,7 @@ import torch
 from kfold.data.layout import open_root, read_label
 from kfold.data.synthetic import generate
 from kfold.io import write_json, write_text
-from kfold.predict import open_npy
+from kfold.predict import open_npy, store_manifest
 from kfold.splits import ensure_folds, folds_sha256, read_folds
 
 MODES = ("full", "quick", "tiny")
@@ -183,13 +183,6 @@ def write_fake_experiment(runs: Path, name: str, root_path: Path, skill: np.ndar
                     part = ids[start : start + 32]
                     out[start : start + len(part)] = fake_probs(small(label_split, part), skill, confidence, rng)
             write_text(d / f"{split}_ids.txt", "".join(f"{i}\n" for i in ids))
-        write_json(d / "manifest.json", {
-            "status": "complete", "experiment": name, "fold": f, "k_folds": k, "n_train": len(folds),
-            "classes": list(root.classes), "num_classes": C, "image_size": [H, W], "store_size": [h, w],
-            "oof_scale": scale, "dtype": "float16",
-            "oof": {"file": "oof.npy", "ids_file": "oof_ids.txt", "n": len(val), "shape": list(shapes["oof"])},
-            "test": {"file": "test.npy", "ids_file": "test_ids.txt", "n": len(root.test_ids),
-                     "shape": list(shapes["test"])},
-            "tta": {"scales": [1.0], "hflip": False, "temperature": 1.0}, "temperatures": [1.0],
-            "folds_sha256": sha, "data_root": str(root.path.resolve()),
-        })
+        write_json(d / "manifest.json", store_manifest(
+            name, f, k, len(folds), root.classes, (H, W), (h, w), scale, len(val), len(root.test_ids),
+            {"scales": [1.0], "hflip": False, "temperature": 1.0}, [1.0], sha, root.path))

@@ -105,6 +105,37 @@ def _csv_text(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def store_manifest(experiment: str, fold: int, k_folds: int, n_train: int, classes: Sequence[str],
+                   image_size: Sequence[int], store_size: Sequence[int], oof_scale: float, n_oof: int, n_test: int,
+                   tta: dict[str, Any], temperatures: Sequence[float], folds_sha256: str,
+                   data_root: str | Path) -> dict[str, Any]:
+    """The part of ``manifest.json`` that describes a fold's store (what ``kfold.oof`` checks).
+
+    ``predict_fold`` adds the fold's scores to it; test and benchmark fixtures write fake stores with it, so
+    they cannot drift from the real format.
+    """
+    C = len(classes)
+    return {
+        "status": "complete",
+        "experiment": experiment,
+        "fold": fold,
+        "k_folds": k_folds,
+        "n_train": n_train,
+        "classes": list(classes),
+        "num_classes": C,
+        "image_size": list(image_size),
+        "store_size": list(store_size),
+        "oof_scale": float(oof_scale),
+        "dtype": STORE_DTYPE,
+        "oof": {"file": "oof.npy", "ids_file": "oof_ids.txt", "n": n_oof, "shape": [n_oof, C, *store_size]},
+        "test": {"file": "test.npy", "ids_file": "test_ids.txt", "n": n_test, "shape": [n_test, C, *store_size]},
+        "tta": dict(tta),
+        "temperatures": list(temperatures),
+        "folds_sha256": folds_sha256,
+        "data_root": str(Path(data_root).resolve()),
+    }
+
+
 def predict_fold(
     model: nn.Module,
     recipe: Recipe,
@@ -210,31 +241,17 @@ def predict_fold(
         "oof_temperature": {row["temperature"]: row["miou"] for row in table},
         "oof_depth": depth_meter.compute() if has_depth else None,
     }
-    manifest = {
-        "status": "complete",
-        "experiment": experiment,
-        "fold": fold,
-        "k_folds": max(folds.values()) + 1,
-        "n_train": len(folds),
-        "classes": list(root.classes),
-        "num_classes": C,
-        "image_size": list(image_size),
-        "store_size": list(size),
-        "oof_scale": float(recipe.oof.scale),
-        "dtype": STORE_DTYPE,
-        "oof": {"file": "oof.npy", "ids_file": "oof_ids.txt", "n": len(oof_ids), "shape": [len(oof_ids), C, *size]},
-        "test": {"file": "test.npy", "ids_file": "test_ids.txt", "n": len(test_ids),
-                 "shape": [len(test_ids), C, *size]},
-        "tta": {"scales": list(cfg.scales), "hflip": cfg.hflip, "temperature": T},
-        "temperatures": list(cfg.temperatures),
+    manifest = store_manifest(
+        experiment, fold, max(folds.values()) + 1, len(folds), root.classes, image_size, size, recipe.oof.scale,
+        len(oof_ids), len(test_ids), {"scales": list(cfg.scales), "hflip": cfg.hflip, "temperature": T},
+        cfg.temperatures, folds_sha256, root.path)
+    manifest.update({
         "temperature_cm_file": "oof_temperature_cm.npy",
-        "folds_sha256": folds_sha256,
-        "data_root": str(Path(root.path).resolve()),
         "oof_miou": _json_float(metrics["oof_miou"]),
         "oof_pixel_acc": _json_float(metrics["oof_pixel_acc"]),
         "oof_per_class_iou": {c: _json_float(v) for c, v in metrics["oof_per_class_iou"].items()},
         "oof_depth": metrics["oof_depth"],
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    })
     write_json(run_dir / MANIFEST, manifest)
     return metrics

@@ -22,6 +22,7 @@ from kfold.data.layout import open_root, read_label
 from kfold.data.synthetic import generate
 from kfold.io import save_npy, write_json, write_text
 from kfold.metrics import confusion_matrix, mean_iou
+from kfold.predict import store_manifest
 from kfold.splits import ensure_folds, folds_sha256, read_folds
 from submissions.leaderboard import read_leaderboard
 from submissions.score import score_submission
@@ -70,15 +71,9 @@ def write_fake_experiment(runs: Path, name: str, root_path: Path, good: set[int]
         save_npy(d / "test.npy", test)
         write_text(d / "oof_ids.txt", "".join(f"{i}\n" for i in val))
         write_text(d / "test_ids.txt", "".join(f"{i}\n" for i in root.test_ids))
-        write_json(d / "manifest.json", {
-            "status": "complete", "experiment": name, "fold": f, "k_folds": k, "n_train": len(folds),
-            "classes": list(root.classes), "num_classes": C, "image_size": [H, W], "store_size": [h, w],
-            "oof_scale": 0.5, "dtype": "float16",
-            "oof": {"file": "oof.npy", "ids_file": "oof_ids.txt", "n": len(val), "shape": list(oof.shape)},
-            "test": {"file": "test.npy", "ids_file": "test_ids.txt", "n": len(test), "shape": list(test.shape)},
-            "tta": {"scales": [1.0], "hflip": False, "temperature": 1.0}, "temperatures": [1.0],
-            "folds_sha256": sha, "data_root": str(root.path.resolve()),
-        })
+        write_json(d / "manifest.json", store_manifest(
+            name, f, k, len(folds), root.classes, (H, W), (h, w), 0.5, len(val), len(test),
+            {"scales": [1.0], "hflip": False, "temperature": 1.0}, [1.0], sha, root.path))
 
 
 @pytest.fixture(scope="module")
