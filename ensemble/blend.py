@@ -3,6 +3,7 @@
 Usage (from the repo root):
     python ensemble/blend.py                            # every complete experiment under runs/
     python ensemble/blend.py --runs exp093_5 exp093_4 --method hillclimb --name my_blend --dry-run
+    python ensemble/blend.py --runs exp093_2 exp093_5 --per-class   # one weight per model and class
 
 Weights and temperatures are fitted on a fixed class-stratified sample of OOF pixels held in RAM, then the
 chosen blend is scored on every OOF pixel at full resolution; the nested-CV figure fits each fold's blend
@@ -45,6 +46,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="folder of the experiments (default runs)")
     p.add_argument("--runs", nargs="+", metavar="EXP", default=None, help="experiments (default: every complete one)")
     p.add_argument("--method", choices=METHODS, default="slsqp")
+    p.add_argument("--per-class", action="store_true",
+                   help="slsqp: one weight per model and class, fitted from the global blend (kept if not beaten)")
     p.add_argument("--name", default=None, help="blend name (default blend_<method>_<members>)")
     p.add_argument("--data-root", type=Path, default=None, help="default: the data root the stores recorded")
     p.add_argument("--pixels", type=int, default=300_000, help="OOF pixel sample size for the fit")
@@ -58,13 +61,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.name is not None and not NAME.fullmatch(args.name):
         p.error(f"--name {args.name!r}: use letters, digits and . _ + - only")
+    if args.per_class and args.method != "slsqp":
+        p.error(f"--per-class needs --method slsqp, got --method {args.method}")
     if args.chunk < 1:
         p.error(f"--chunk must be >= 1, got {args.chunk}")
     return args
 
 
 def default_name(method: str, names: Sequence[str]) -> str:
-    """``blend_<method>_<a>+<b>``; a digest of the member list when that grows long."""
+    """``blend_<method>_<a>+<b>`` (method e.g. ``slsqp`` or ``slsqp-per-class``); a digest of the member list
+    when that grows long."""
     name = f"blend_{method}_{'+'.join(names)}"
     if len(name) > 80:
         name = f"blend_{method}_{len(names)}models_{hashlib.sha1(','.join(names).encode()).hexdigest()[:8]}"
@@ -83,7 +89,12 @@ def _scores(cm: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
 def _chosen_label(chosen: str, names: Sequence[str]) -> str:
     if chosen.startswith("best_single:"):
         return f"best single ({names[int(chosen.split(':')[1])]})"
-    return chosen
+    return {"global": "global weights", "optimiser": "optimiser"}.get(chosen, chosen)
+
+
+def method_label(method: str, per_class: bool) -> str:
+    """``slsqp``, ``slsqp-per-class``, ``hillclimb`` or ``uniform``."""
+    return method + ("-per-class" if per_class else "")
 
 
 def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -> dict[str, Any]:
@@ -109,7 +120,7 @@ def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -
 
     sample = build_sample(members, args.pixels, args.seed, args.chunk)
     lap("sample")
-    fit_kw = {"fit_temperature": not args.no_temperature, "seed": args.seed}
+    fit_kw = {"fit_temperature": not args.no_temperature, "seed": args.seed, "per_class": args.per_class}
     fit = fit_blend(sample.probs, sample.labels, sample.weights, C, args.method, **fit_kw)
     log(fit.message)
     lap("fit")
@@ -125,7 +136,7 @@ def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -
                          args.chunk, score_members=True)
     lap("full-res scoring")
 
-    name = args.name or default_name(args.method, names)
+    name = args.name or default_name(method_label(args.method, args.per_class), names)
     out_dir = Path(args.out_dir)
     csv_path = out_dir / f"{name}.csv"
     sample_sub = members.root.path / "sample_submission.csv"
@@ -146,7 +157,8 @@ def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -
         lap("test score")
 
     record = {
-        "name": name, "method": args.method, "members": names, "classes": list(classes), "folds": k,
+        "name": name, "method": args.method, "per_class": args.per_class, "members": names,
+        "classes": list(classes), "folds": k,
         "weights": fit.weights.tolist(), "temperatures": fit.temperatures.tolist(),
         "chosen": fit.chosen, "moved": fit.moved, "start_miou_sample": fit.start_miou,
         "candidates_sample": fit.candidates, "fit_message": fit.message, "n_evals": fit.n_evals,
@@ -168,14 +180,14 @@ def _write_outputs(record: dict[str, Any], members: Members, out_dir: Path) -> N
     name, names, classes = record["name"], record["members"], record["classes"]
     write_json(out_dir / f"{name}.json", json.loads(json.dumps(record, default=float), parse_constant=lambda _: None))
     plot_weights(names, record["weights"], record["temperatures"], out_dir / "plots" / f"{name}_weights.png",
-                 f"{name}: weights and temperatures")
+                 f"{name}: weights and temperatures", classes)
     per_model = {n: list(record["member_scores"][n]["per_class_iou"].values()) for n in names}
     plot_per_class(classes, per_model, list(record["oof"]["per_class_iou"].values()),
                    out_dir / "plots" / f"{name}_per_class.png", f"{name}: OOF per-class IoU")
     board = out_dir / "leaderboard.csv"
     iou = {f"iou_{c}": _num(v) for c, v in record["oof"]["per_class_iou"].items()}
     upsert_leaderboard({
-        "name": name, "kind": "blend", "members": names, "weights": [round(w, 4) for w in record["weights"]],
+        "name": name, "kind": "blend", "members": names, "weights": np.round(record["weights"], 4).tolist(),
         "temperatures": [round(t, 4) for t in record["temperatures"]], "oof_miou": record["oof"]["miou"],
         "oof_miou_nested": record["nested"]["miou"], "pixel_acc": record["oof"]["pixel_acc"], **iou,
         "submission": record["submission"], "created": record["created"],
@@ -196,7 +208,7 @@ def _write_outputs(record: dict[str, Any], members: Members, out_dir: Path) -> N
 def format_table(record: dict[str, Any]) -> str:
     """The final report: members, blend in-sample and nested, local test score, weights, timings."""
     names = record["members"]
-    blend_label = f"blend ({record['method']})"
+    blend_label = f"blend ({method_label(record['method'], record.get('per_class', False))})"
     width = max(16, len(blend_label) + 1, *(len(n) + 2 for n in names))
     rows = [f"{'model':<{width}} {'OOF mIoU':>8}   {'pixel acc':>9}"]
     rows += [f"{n:<{width}} {s['miou']:>8.4f}   {s['pixel_acc']:>9.4f}" for n, s in record["member_scores"].items()]
@@ -208,8 +220,13 @@ def format_table(record: dict[str, Any]) -> str:
     if record["test"] is not None:
         t = record["test"]
         rows.append(f"{'test (local)':<{width}} {t['miou']:>8.4f}   {t['pixel_acc']:>9.4f}   {t['source']}")
-    weights = " ".join(f"{n}={w:.3f}" for n, w in zip(names, record["weights"]))
     temps = " ".join(f"{n}={t:.2f}" for n, t in zip(names, record["temperatures"]))
+    if np.ndim(record["weights"]) == 2:  # per class: one line per member
+        rows.append("weights per class: " + " ".join(f"{c[:5]:>5}" for c in record["classes"]))
+        rows += [f"  {n:<{width - 2}} " + " ".join(f"{v:>5.2f}" for v in w) for n, w in zip(names, record["weights"])]
+        weights = "per class (above)"
+    else:
+        weights = " ".join(f"{n}={w:.3f}" for n, w in zip(names, record["weights"]))
     opt = record["candidates_sample"]["optimiser"]
     start = record["start_miou_sample"]
     if record["method"] == "uniform":

@@ -5,7 +5,9 @@ is zero almost everywhere, so gradient methods on it (SLSQP with numeric derivat
 and report success. Here ``slsqp`` optimises a smooth surrogate (soft Jaccard of the blended probabilities)
 with an analytic gradient, then polishes on the true weighted mIoU by a derivative-free pattern search;
 ``hillclimb`` is greedy ensemble selection (Caruana et al. 2004). Whatever the method, the chosen blend is
-never worse on the sample than uniform weights or the best single model.
+never worse on the sample than uniform weights or the best single model. With ``per_class=True`` each model
+gets one weight per class (M x C, each class's column on the simplex), fitted from the global optimum: a
+model can be trusted for the classes it segments best.
 The true-mIoU evaluator and the derivative-free searches live in ``ensemble.search``.
 
 All inputs are pixel samples: probabilities (P, C) per model, labels (P,), and per-pixel weights that
@@ -24,7 +26,15 @@ import scipy.optimize
 import torch
 from torch import Tensor
 
-from ensemble.search import T_BOUNDS, Evaluator, accumulate_weighted, hillclimb, pattern_search, weighted_confusion
+from ensemble.search import (
+    T_BOUNDS,
+    Evaluator,
+    accumulate_weighted,
+    class_weight,
+    hillclimb,
+    pattern_search,
+    weighted_confusion,
+)
 from kfold.metrics import mean_iou
 from tta.functional import apply_temperature
 
@@ -33,7 +43,10 @@ METHODS = ("slsqp", "hillclimb", "uniform")
 
 @dataclass
 class BlendResult:
-    """A fitted blend. ``miou`` is the weighted true mIoU on the fitting sample (in-sample, optimistic)."""
+    """A fitted blend. ``miou`` is the weighted true mIoU on the fitting sample (in-sample, optimistic).
+
+    ``weights`` is (M,), or (M, C) when the chosen blend has per-class weights.
+    """
 
     weights: np.ndarray
     temperatures: np.ndarray
@@ -50,7 +63,7 @@ class BlendResult:
     def to_dict(self) -> dict:
         """JSON-ready dict (arrays as lists)."""
         d = asdict(self)
-        d["weights"] = [float(v) for v in self.weights]
+        d["weights"] = np.asarray(self.weights, dtype=float).tolist()
         d["temperatures"] = [float(v) for v in self.temperatures]
         return d
 
@@ -67,7 +80,7 @@ class FoldResult:
 
 def blend_probs(
     model_probs: Sequence[np.ndarray | Tensor],
-    weights: Sequence[float],
+    weights: Sequence[float] | Sequence[Sequence[float]] | np.ndarray,
     temperatures: Sequence[float] | None = None,
     axis: int = -1,
 ) -> np.ndarray | Tensor:
@@ -78,7 +91,8 @@ def blend_probs(
 
     Args:
         model_probs: one array per model, same shape, classes along ``axis`` (any float dtype).
-        weights: one weight per model (used as given; fits return weights summing to 1).
+        weights: one weight per model, or one per model and class (M, C) (used as given; fits return
+            weights summing to 1, per class for per-class weights).
         temperatures: one T > 0 per model; None = all 1 (still renormalised).
         axis: class axis.
 
@@ -96,9 +110,13 @@ def blend_probs(
     for i, t in enumerate(tensors):
         if t.shape != shape:
             raise ValueError(f"model {i} probabilities have shape {tuple(t.shape)}, model 0 {tuple(shape)}")
+    n_classes = shape[axis]
+    for i, w in enumerate(weights):
+        if not (np.ndim(w) == 0 or np.shape(w) == (n_classes,)):
+            raise ValueError(f"model {i} weight must be a number or {n_classes} per-class numbers, got {w!r}")
     out = None
     for p, w, temp in zip(tensors, weights, temps):
-        out = accumulate_weighted(out, apply_temperature(p, float(temp), dim=axis), float(w))
+        out = accumulate_weighted(out, apply_temperature(p, float(temp), dim=axis), class_weight(w, len(shape), axis))
     return out.numpy() if as_numpy else out
 
 
@@ -116,7 +134,7 @@ def score_blend(
         model_probs: (P, C) probabilities per model.
         labels: (P,) class ids.
         sample_weight: (P,) pixel weights.
-        weights, temperatures: blend parameters, one per model.
+        weights, temperatures: blend parameters, one per model (weights may be per class, (M, C)).
         num_classes: C.
     """
     pred = blend_probs(model_probs, weights, temperatures, axis=-1).argmax(axis=-1)
@@ -141,7 +159,7 @@ def soft_jaccard(
         logp: per model (P, C) log-probabilities (float64 for an accurate gradient).
         labels: (P,) int64 class ids.
         sample_weight: (P,) pixel weights (same dtype as logp).
-        weights: (M,) blend weights; log_temperatures: (M,) log T per model.
+        weights: (M,) blend weights, or (M, C) per-class ones; log_temperatures: (M,) log T per model.
         sharpness: temperature of the final sharpening (1 = none; -> 0 tends to the piecewise-constant mIoU).
     """
     num_classes = logp[0].shape[1]
@@ -158,13 +176,14 @@ def soft_jaccard(
 
 
 class Surrogate:
-    """scipy objective ``x -> (-soft_jaccard, gradient)`` with x = [weights (M), log T (M) if fitted].
+    """scipy objective ``x -> (-soft_jaccard, gradient)`` with x = [weights (M*K), log T (M) if fitted].
 
     Args:
         model_probs: per model (P, C) probabilities (numpy or tensor).
         labels: (P,) class ids; sample_weight: (P,) pixel weights.
         fit_temperature: whether x carries log-temperatures (else T = 1).
         sharpness: see ``soft_jaccard``.
+        per_class: weights are (M, C), row-major in x (K = C), else (M,) (K = 1).
     """
 
     def __init__(
@@ -174,6 +193,7 @@ class Surrogate:
         sample_weight: np.ndarray | Tensor,
         fit_temperature: bool,
         sharpness: float = 0.1,
+        per_class: bool = False,
     ):
         self.logp = [torch.as_tensor(p).double().clamp_min(1e-30).log() for p in model_probs]
         self.labels = torch.as_tensor(labels).long()
@@ -181,14 +201,16 @@ class Surrogate:
         self.n_models = len(self.logp)
         self.fit_temperature = fit_temperature
         self.sharpness = sharpness
+        self.n_weights = self.n_models * (self.logp[0].shape[1] if per_class else 1)
         self.n_evals = 0
 
     def __call__(self, x: np.ndarray) -> tuple[float, np.ndarray]:
         self.n_evals += 1
-        m = self.n_models
+        m, nw = self.n_models, self.n_weights
         xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
-        lt = xt[m:] if self.fit_temperature else torch.zeros(m, dtype=torch.float64)
-        loss = -soft_jaccard(self.logp, self.labels, self.sample_weight, xt[:m], lt, self.sharpness)
+        w = xt[:nw].reshape(m, -1) if nw > m else xt[:m]
+        lt = xt[nw:] if self.fit_temperature else torch.zeros(m, dtype=torch.float64)
+        loss = -soft_jaccard(self.logp, self.labels, self.sample_weight, w, lt, self.sharpness)
         (grad,) = torch.autograd.grad(loss, xt)
         return float(loss.detach()), grad.numpy()
 
@@ -213,25 +235,35 @@ def fit_temperature_nll(probs: np.ndarray, labels: np.ndarray, sample_weight: np
 
 def _fit_slsqp(
     ev: Evaluator,
+    w0: np.ndarray,
+    log_t0: np.ndarray,
     fit_temperature: bool,
     max_polish_evals: int,
     sharpness: Sequence[float],
     surrogate_pixels: int,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray, str]:
+    """SLSQP on the surrogate from (w0, log_t0), then a pattern search on the true mIoU from the better of
+    the surrogate optimum and the start. ``w0`` is (M,), or (M, C) to fit per-class weights."""
     m = ev.n_models
-    x0 = np.concatenate([np.full(m, 1.0 / m), np.zeros(m if fit_temperature else 0)])
-    bounds = [(0.0, 1.0)] * m + [tuple(np.log(T_BOUNDS))] * (m if fit_temperature else 0)
-    ones_w = np.concatenate([np.ones(m), np.zeros(len(x0) - m)])
-    # Weights on the simplex. Temperatures are free within bounds: thanks to the sharpening the surrogate does
-    # not drift them all to the lower bound (tried: pinning sum log T = 0 scored lower on synthetic blends).
-    cons = [{"type": "eq", "fun": lambda x: x @ ones_w - 1.0, "jac": lambda x: ones_w}]
+    k = 1 if w0.ndim == 1 else w0.shape[1]
+    nw = m * k
+    x0 = np.concatenate([w0.ravel(), log_t0 if fit_temperature else []])
+    bounds = [(0.0, 1.0)] * nw + [tuple(np.log(T_BOUNDS))] * (m if fit_temperature else 0)
+    # Weights on the simplex, per class column when per-class (x holds them row-major: model i, class c at
+    # i*k + c). Temperatures are free within bounds: thanks to the sharpening the surrogate does not drift
+    # them all to the lower bound (tried: pinning sum log T = 0 scored lower on synthetic blends).
+    column_sums = np.zeros((k, len(x0)))
+    for i in range(m):
+        column_sums[np.arange(k), i * k + np.arange(k)] = 1.0
+    cons = [{"type": "eq", "fun": lambda x: column_sums @ x - 1.0, "jac": lambda x: column_sums}]
     # float64 autograd costs ~20x a true-mIoU evaluation per pixel: the surrogate only needs to find the
     # basin, so it sees a uniform subsample (weights stay unbiased); the polish uses every sample pixel.
     n = len(ev.labels)
     sub = torch.from_numpy(np.sort(rng.choice(n, surrogate_pixels, replace=False))) if n > surrogate_pixels else None
     pick = (lambda t: t) if sub is None else (lambda t: t[sub])
-    sur = Surrogate([pick(p) for p in ev.probs], pick(ev.labels), pick(ev.sample_weight), fit_temperature)
+    sur = Surrogate([pick(p) for p in ev.probs], pick(ev.labels), pick(ev.sample_weight), fit_temperature,
+                    per_class=k > 1)
     x, parts = x0, []
     for tau in sharpness:  # continuation: a smoother surface first, then one closer to the argmax
         sur.sharpness = tau
@@ -241,18 +273,19 @@ def _fit_slsqp(
         )
         x = np.clip(res.x, [b[0] for b in bounds], [b[1] for b in bounds])
         parts.append(f"tau={tau}: {res.message} (nit={res.nit})")
-    w = x[:m] / x[:m].sum()
-    log_t = x[m:] if fit_temperature else np.zeros(m)
-    sur_miou, start_miou = ev.miou(w, np.exp(log_t)), ev.miou(x0[:m], np.ones(m))
-    if start_miou > sur_miou:  # polish from the better of the surrogate optimum and the start
-        w, log_t = x0[:m], np.zeros(m)
+    w = x[:nw].reshape(m, k) / x[:nw].reshape(m, k).sum(axis=0)
+    w = w[:, 0] if w0.ndim == 1 else w
+    log_t = x[nw:] if fit_temperature else np.zeros(m)
+    sur_miou, start_miou = ev.miou(w, np.exp(log_t)), ev.miou(w0, np.exp(log_t0))
+    if start_miou > sur_miou:
+        w, log_t = w0, log_t0
     before = ev.n_evals
     w, log_t, pol_miou = pattern_search(ev, w, log_t, max(sur_miou, start_miou), fit_temperature,
                                         max_polish_evals)
     msg = (
-        f"SLSQP on sharpened soft Jaccard [{'; '.join(parts)}; {sur.n_evals} evals]: true mIoU "
-        f"{start_miou:.4f} (start) -> {sur_miou:.4f}; pattern search: -> {pol_miou:.4f} in "
-        f"{ev.n_evals - before} evals"
+        f"SLSQP on sharpened soft Jaccard{' (per-class weights)' if k > 1 else ''} [{'; '.join(parts)}; "
+        f"{sur.n_evals} evals]: true mIoU {start_miou:.4f} (start) -> {sur_miou:.4f}; pattern search: -> "
+        f"{pol_miou:.4f} in {ev.n_evals - before} evals"
     )
     ev.n_evals += sur.n_evals
     return w, np.exp(log_t), msg
@@ -271,6 +304,7 @@ def fit_blend(
     sharpness: Sequence[float] = (0.3, 0.1),
     surrogate_pixels: int = 50_000,
     num_threads: int | None = 1,
+    per_class: bool = False,
 ) -> BlendResult:
     """Fit blend weights (and temperatures) on sample pixels, never ending below uniform / best single.
 
@@ -283,13 +317,17 @@ def fit_blend(
         fit_temperature: fit one temperature per model (slsqp: jointly; hillclimb: NLL temperature scaling).
         seed: hillclimb tie-breaking and the slsqp surrogate subsample.
         rounds: hillclimb rounds (weights are counts / rounds).
-        max_polish_evals: true-mIoU evaluation budget of the slsqp polish.
+        max_polish_evals: true-mIoU evaluation budget of the slsqp polish (x C for per-class weights).
         sharpness: slsqp surrogate sharpness schedule (see ``soft_jaccard``), one SLSQP run per value.
         surrogate_pixels: at most this many sample pixels (a uniform subsample) feed the slsqp surrogate.
         num_threads: torch intra-op threads during the fit (restored after); None keeps the current setting.
+        per_class: slsqp only: after the global fit, fit (M, C) per-class weights starting from it; the
+            global blend stays a candidate ("global") and wins unless per-class weights score strictly higher.
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r}: expected one of {METHODS}")
+    if per_class and method != "slsqp":
+        raise ValueError(f"per-class weights are fitted by method 'slsqp', not {method!r}")
     t0 = time.perf_counter()
     with _torch_threads(num_threads):
         ev = Evaluator(model_probs, labels, sample_weight, num_classes)
@@ -298,6 +336,8 @@ def fit_blend(
         uniform = start = ev.miou(uniform_w, ones)
         singles = [ev.miou(np.eye(m)[i], ones) for i in range(m)]
         best = int(np.argmax(singles))
+        params = {"uniform": (uniform_w, ones), f"best_single:{best}": (np.eye(m)[best], ones)}
+        candidates = {"uniform": uniform, f"best_single:{best}": singles[best]}
         temps = ones.copy()
         if m == 1 or method == "uniform":
             weights, moved, msg = uniform_w, False, f"uniform weights, T=1 ({m} models)"
@@ -309,19 +349,25 @@ def fit_blend(
             moved = not np.allclose(weights, np.eye(m)[first])
         else:
             rng = np.random.default_rng(seed)
-            weights, temps, msg = _fit_slsqp(ev, fit_temperature, max_polish_evals, sharpness, surrogate_pixels, rng)
-            moved = not (np.allclose(weights, uniform_w, rtol=0, atol=1e-9) and np.allclose(temps, 1, atol=1e-9))
-        opt = ev.miou(weights, temps)
-    candidates = {"optimiser": opt, "uniform": uniform, f"best_single:{best}": singles[best]}
-    # Strictly better or it loses: on ties the simpler blend wins (uniform before a single model).
-    if opt > max(uniform, singles[best]):
-        chosen, w_out, t_out = "optimiser", weights, temps
-    elif uniform >= singles[best]:
-        chosen, w_out, t_out = "uniform", uniform_w, ones
-    else:
-        chosen, w_out, t_out = f"best_single:{best}", np.eye(m)[best], ones
+            fit_args = (fit_temperature, max_polish_evals, sharpness, surrogate_pixels, rng)
+            weights, temps, msg = _fit_slsqp(ev, uniform_w, np.zeros(m), *fit_args)
+            if per_class:
+                params["global"], candidates["global"] = (weights, temps), ev.miou(weights, temps)
+                w0 = np.repeat(weights[:, None], num_classes, axis=1)
+                weights, temps, msg_c = _fit_slsqp(ev, w0, np.log(temps), fit_temperature,
+                                                   max_polish_evals * num_classes, sharpness, surrogate_pixels, rng)
+                msg += f"; then {msg_c}"
+            moved = not (np.allclose(weights, 1.0 / m, rtol=0, atol=1e-9) and np.allclose(temps, 1, atol=1e-9))
+        params["optimiser"], candidates["optimiser"] = (weights, temps), ev.miou(weights, temps)
+    # Strictly better or it loses: on ties the simpler blend wins (uniform, a single model, global weights,
+    # then the optimiser's own result).
+    chosen = "uniform"
+    for name in (f"best_single:{best}", "global", "optimiser"):
+        if name in candidates and candidates[name] > candidates[chosen]:
+            chosen = name
     if not moved:
         msg += "; the optimiser did NOT move from its start point"
+    w_out, t_out = params[chosen]
     return BlendResult(
         weights=np.asarray(w_out, dtype=np.float64), temperatures=np.asarray(t_out, dtype=np.float64),
         miou=float(candidates[chosen]), start_miou=float(start),

@@ -22,11 +22,24 @@ from tta.functional import apply_temperature
 T_BOUNDS = (0.5, 2.0)
 
 
-def accumulate_weighted(acc: Tensor | None, q: Tensor, w: float) -> Tensor:
-    """``acc + w * q`` in place (``w * q`` when ``acc`` is None).
+def class_weight(w: float | np.ndarray | Sequence[float], ndim: int, axis: int) -> float | Tensor:
+    """One model's blend weight ready to multiply its probabilities: a float, or a float32 tensor of per-class
+    weights shaped to broadcast along the class ``axis`` of an ``ndim``-dimensional array."""
+    arr = np.asarray(w, dtype=np.float64)
+    if arr.ndim == 0:
+        return float(arr)
+    shape = [1] * ndim
+    shape[axis] = arr.shape[0]
+    return torch.from_numpy(arr.astype(np.float32)).reshape(shape)
+
+
+def accumulate_weighted(acc: Tensor | None, q: Tensor, w: float | Tensor) -> Tensor:
+    """``acc + w * q`` in place (``w * q`` when ``acc`` is None); ``w`` a float or per-class (see ``class_weight``).
 
     The one float32 summation used by blend_probs and by the fit, so their argmaxes agree.
     """
+    if isinstance(w, Tensor):
+        return q * w if acc is None else acc.addcmul_(q, w)
     return q * w if acc is None else acc.add_(q, alpha=w)
 
 
@@ -101,11 +114,11 @@ class Evaluator:
         return float(mean_iou(cm))
 
     def miou(self, weights: np.ndarray, temperatures: np.ndarray) -> float:
-        """Weighted true mIoU of argmax(sum_m w_m softmax(log p_m / T_m))."""
+        """Weighted true mIoU of argmax(sum_m w_m softmax(log p_m / T_m)); weights (M,) or per class (M, C)."""
         acc = None
         for i, (w, t) in enumerate(zip(weights, temperatures)):
-            if w != 0:
-                acc = accumulate_weighted(acc, self.tempered(i, t), float(w))
+            if np.any(w != 0):
+                acc = accumulate_weighted(acc, self.tempered(i, t), class_weight(w, 2, 1))
         return self.score_pred(acc.argmax(dim=1))
 
 
@@ -114,13 +127,17 @@ def pattern_search(
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Derivative-free polish on the true mIoU: best-improvement compass search on the simplex.
 
-    Moves shift ``step`` of weight from model j to model i (staying on the simplex) and, with temperatures,
-    move one model's log T by +-step within ``T_BOUNDS``; steps halve when no move improves.
+    Moves shift ``step`` of weight from model j to model i (staying on the simplex; with per-class weights
+    (M, C), within one class's column) and, with temperatures, move one model's log T by +-step within
+    ``T_BOUNDS``; steps halve when no move improves.
     """
     m = ev.n_models
     lo, hi = np.log(T_BOUNDS)
     step_w, step_t, used = 0.1, 0.2, 0
-    moves = [("w", i, j) for i in range(m) for j in range(m) if i != j]
+    pairs = [(i, j) for i in range(m) for j in range(m) if i != j]
+    if w.ndim == 2:  # per-class weights: the same moves inside each class's column
+        pairs = [((i, c), (j, c)) for c in range(w.shape[1]) for i, j in pairs]
+    moves = [("w", i, j) for i, j in pairs]
     if fit_temperature:
         moves += [("t", i, sign) for i in range(m) for sign in (1, -1)]
     while used < max_evals and step_w >= 0.01:

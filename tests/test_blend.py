@@ -107,7 +107,9 @@ def _direct_cm(runs: Path, root: Path, split: str, weights, temps, names=("exp_a
     probs = [_split_probs(runs, n, split) for n in names]
     cm = np.zeros((C, C), dtype=np.int64)
     for i in sorted(probs[0]) if ids is None else ids:
-        mix = sum(w * apply_temperature(torch.from_numpy(p[i])[None], t) for p, w, t in zip(probs, weights, temps))
+        # a weight is a number or one per class (then broadcast over the class axis of (1, C, h, w))
+        mix = sum(torch.as_tensor(np.asarray(w, dtype=np.float32)).reshape(1, -1, 1, 1)
+                  * apply_temperature(torch.from_numpy(p[i])[None], t) for p, w, t in zip(probs, weights, temps))
         pred = F.interpolate(mix, size=r.image_size, mode="bilinear", align_corners=False).argmax(1)[0].numpy()
         cm += confusion_matrix(read_label(r.label_path("train" if split == "oof" else "test", i), C), pred, C)
     return cm
@@ -213,3 +215,29 @@ def test_default_skips_incomplete_and_uses_leaderboard_row(setup: dict, tmp_path
     board = read_leaderboard(out / "leaderboard.csv").set_index("name")
     assert set(board.index) == {"blend_slsqp_exp_a", "exp_a"} and board.loc["exp_a", "oof_miou"] == 0.123
     assert (out / "blend_slsqp_exp_a.csv").is_file()
+
+
+def test_per_class_blend_writes_a_class_by_member_record(setup: dict, tmp_path: Path, capsys) -> None:
+    """The record, table, plot and leaderboard of a per-class blend; its scores are the direct ones."""
+    runs, root, out = setup["runs"], setup["root"], tmp_path / "sub"
+    assert main(["--runs-dir", str(runs), "--runs", "exp_a", "exp_b", "--out-dir", str(out), "--per-class"]) == 0
+    table = capsys.readouterr().out
+    name = "blend_slsqp-per-class_exp_a+exp_b"
+    rec = json.loads((out / f"{name}.json").read_text())
+    assert rec["per_class"] and "blend (slsqp-per-class)" in table and "weights per class:" in table
+    assert set(rec["candidates_sample"]) == {"uniform", "best_single:0", "global", "optimiser"}
+    weights = np.asarray(rec["weights"])
+    assert rec["chosen"] == "optimiser" and weights.shape == (2, C) and np.allclose(weights.sum(axis=0), 1)
+    # each class trusts the model that gets it: above the global blend, in-sample and nested, at full resolution
+    assert rec["oof"]["miou"] > setup["record"]["oof"]["miou"] + 0.03
+    assert rec["nested"]["miou"] > setup["record"]["nested"]["miou"]
+    assert rec["oof"]["miou"] == pytest.approx(mean_iou(_direct_cm(runs, root, "oof", weights,
+                                                                   rec["temperatures"])), abs=1e-9)
+    assert rec["test"]["miou"] == pytest.approx(mean_iou(_direct_cm(runs, root, "test", weights,
+                                                                    rec["temperatures"])), abs=1e-9)
+    assert (out / "plots" / f"{name}_weights.png").stat().st_size > 0
+    board = read_leaderboard(out / "leaderboard.csv").set_index("name")
+    assert np.allclose(json.loads(board.loc[name, "weights"]), np.round(weights, 4))
+    with pytest.raises(SystemExit):
+        main(["--runs-dir", str(runs), "--method", "hillclimb", "--per-class"])
+    assert "--per-class needs --method slsqp" in capsys.readouterr().err

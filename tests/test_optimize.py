@@ -220,3 +220,56 @@ def test_bad_inputs_are_clear_errors(two_models):
         fit_blend([probs[0], probs[1][:10]], y, w, C)
     with pytest.raises(ValueError, match="labels must be"):
         fit_blend(probs, np.full(len(y), C), w, C)
+
+
+def _column_reliable(rng, y, reliable, noise=3.0, signal=4.0):
+    """Logits whose `reliable` class columns carry the label and whose other columns are loud noise."""
+    logits = np.zeros((len(y), C))
+    other = ~np.isin(np.arange(C), reliable)
+    logits[:, other] = rng.normal(0.0, noise, (len(y), other.sum()))
+    hit = np.isin(y, reliable)
+    logits[np.flatnonzero(hit), y[hit]] += signal
+    return _softmax(logits)
+
+
+def test_per_class_weights_trust_each_model_on_its_own_classes():
+    """A's columns 0-6 are reliable, B's columns 7-12: no single weight per model can use both, per-class can."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, C, 6000)
+    probs = [_column_reliable(rng, y, range(7)), _column_reliable(rng, y, range(7, 13))]
+    w = np.ones(len(y))
+    glob = fit_blend(probs, y, w, C, "slsqp")
+    pc = fit_blend(probs, y, w, C, "slsqp", per_class=True)
+    assert pc.chosen == "optimiser" and pc.weights.shape == (2, C) and pc.moved
+    assert pc.candidates["global"] == pytest.approx(glob.miou, abs=1e-12)  # the same global fit comes first
+    assert pc.miou > glob.miou + 0.3, (pc.miou, glob.miou)
+    assert pc.miou == pytest.approx(_miou(probs, y, w, pc.weights, pc.temperatures), abs=1e-12)
+    assert np.allclose(pc.weights.sum(axis=0), 1.0)
+    assert (pc.weights[0, :7] > 0.5).all() and (pc.weights[1, 7:] > 0.5).all()
+    pooled, _ = nested_cv(probs, y, w, rng.integers(0, 3, len(y)), C, "slsqp", per_class=True)
+    assert mean_iou(pooled) > glob.miou + 0.3  # held out, it still generalises
+    with pytest.raises(ValueError, match="per-class weights are fitted by method 'slsqp'"):
+        fit_blend(probs, y, w, C, "hillclimb", per_class=True)
+
+
+def test_per_class_weights_that_cannot_win_leave_the_simplest_blend(two_models):
+    """Two identical models: every blend ties, so the simplest (uniform, plain (M,) weights) is returned."""
+    probs, y, w = two_models
+    pc = fit_blend([probs[0], probs[0].copy()], y, w, C, "slsqp", per_class=True, fit_temperature=False)
+    assert pc.chosen == "uniform" and pc.weights.shape == (2,) and np.allclose(pc.weights, 0.5)
+    assert set(pc.candidates) == {"uniform", "best_single:0", "global", "optimiser"}
+    assert len(set(pc.candidates.values())) == 1
+
+
+def test_blend_probs_per_class_weights_match_by_hand():
+    rng = np.random.default_rng(4)
+    probs = [torch.softmax(torch.randn(2, C, 3, 5), 1) for _ in range(2)]
+    w = rng.uniform(size=(2, C))
+    out = blend_probs(probs, w, [0.7, 1.3], axis=1)
+    by_hand = sum(torch.from_numpy(wi).float()[None, :, None, None] * torch.softmax(p.log() / t, 1)
+                  for p, wi, t in zip(probs, w, [0.7, 1.3]))
+    assert torch.allclose(out, by_hand, atol=1e-6)
+    flat = [p.permute(0, 2, 3, 1).reshape(-1, C).numpy() for p in probs]
+    assert np.allclose(blend_probs(flat, w, [0.7, 1.3]), by_hand.permute(0, 2, 3, 1).reshape(-1, C).numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="model 1 weight must be a number or 13 per-class numbers"):
+        blend_probs(probs, [0.5, [0.5, 0.5]], axis=1)
