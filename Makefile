@@ -37,7 +37,7 @@ demo: $(STAMP)
 	  --opts train.seed $(DEMO_SEED_$(exp)) 2>runs/$(exp).stderr | sed -u "s/^/[$(exp)] /") & ) \
 	failed=0; for job in $$(jobs -p); do wait $$job || failed=1; done; \
 	if [ $$failed = 1 ]; then tail -n 3 runs/*.stderr; exit 1; fi
-	$(PY) ensemble/blend.py --runs $(DEMO_EXPERIMENTS) --name demo_blend
+	$(PY) ensemble/blend.py --runs $(DEMO_EXPERIMENTS) --per-class --name demo_blend
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -131,9 +131,15 @@ def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -
     lap("nested")
 
     params = (fit.weights, fit.temperatures)
-    cms = score_full_res(members, {"blend": dict.fromkeys(range(k), params),
-                                   "nested": {r.fold: (r.fit.weights, r.fit.temperatures) for r in folds}},
-                         args.chunk, score_members=True)
+    blends = {"blend": dict.fromkeys(range(k), params),
+              "nested": {r.fold: (r.fit.weights, r.fit.temperatures) for r in folds}}
+    # Per-class weights: the global blend they started from is scored too, in-sample and nested, so the
+    # report shows what the extra weights add.
+    has_global = "global" in fit.candidate_params and all("global" in r.fit.candidate_params for r in folds)
+    if has_global:
+        blends["global"] = dict.fromkeys(range(k), fit.candidate_params["global"])
+        blends["global_nested"] = {r.fold: r.fit.candidate_params["global"] for r in folds}
+    cms = score_full_res(members, blends, args.chunk, score_members=True)
     lap("full-res scoring")
 
     name = args.name or default_name(method_label(args.method, args.per_class), names)
@@ -167,6 +173,10 @@ def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -
                           "temperatures": r.fit.temperatures.tolist(), "chosen": r.fit.chosen,
                           "sample_miou_heldout": r.miou} for r in folds],
         "member_scores": {n: _scores(cms[n], classes) for n in names},
+        "global": None if not has_global else {
+            "weights": fit.candidate_params["global"][0].tolist(),
+            "temperatures": fit.candidate_params["global"][1].tolist(),
+            "oof": _scores(cms["global"], classes), "nested": _scores(cms["global_nested"], classes)},
         "test": test, "sample_pixels": len(sample.labels), "seed": args.seed, "order": args.order,
         "submission": str(csv_path), "written": summary.written, "data_root": str(members.root.path),
         "timings_s": timings, "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -212,6 +222,13 @@ def format_table(record: dict[str, Any]) -> str:
     width = max(16, len(blend_label) + 1, *(len(n) + 2 for n in names))
     rows = [f"{'model':<{width}} {'OOF mIoU':>8}   {'pixel acc':>9}"]
     rows += [f"{n:<{width}} {s['miou']:>8.4f}   {s['pixel_acc']:>9.4f}" for n, s in record["member_scores"].items()]
+    if record.get("global"):  # the global blend a per-class fit started from
+        g = record["global"]
+        w = " ".join(f"{wi:.3f}" for wi in g["weights"])
+        rows.append(f"{'blend (global)':<{width}} {g['oof']['miou']:>8.4f}   {g['oof']['pixel_acc']:>9.4f}   "
+                    f"in-sample, one weight per model ({w})")
+        rows.append(f"{'global (nested)':<{width}} {g['nested']['miou']:>8.4f}   {g['nested']['pixel_acc']:>9.4f}"
+                    f"   nested CV, {record['folds']} folds")
     chosen = _chosen_label(record["chosen"], names)
     rows.append(f"{blend_label:<{width}} {record['oof']['miou']:>8.4f}   "
                 f"{record['oof']['pixel_acc']:>9.4f}   in-sample (chosen: {chosen})")

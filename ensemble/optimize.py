@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.optimize
@@ -59,13 +59,7 @@ class BlendResult:
     chosen: str  # "optimiser" | "uniform" | "best_single:<i>"
     message: str
     candidates: dict[str, float] = field(default_factory=dict)  # sample mIoU of every candidate
-
-    def to_dict(self) -> dict:
-        """JSON-ready dict (arrays as lists)."""
-        d = asdict(self)
-        d["weights"] = np.asarray(self.weights, dtype=float).tolist()
-        d["temperatures"] = [float(v) for v in self.temperatures]
-        return d
+    candidate_params: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # (weights, T)
 
 
 @dataclass
@@ -373,6 +367,8 @@ def fit_blend(
         miou=float(candidates[chosen]), start_miou=float(start),
         moved=bool(moved), n_evals=ev.n_evals, seconds=time.perf_counter() - t0, method=method, chosen=chosen,
         message=msg + f"; chosen {chosen}", candidates={k: float(v) for k, v in candidates.items()},
+        candidate_params={k: (np.asarray(w, dtype=np.float64), np.asarray(t, dtype=np.float64))
+                          for k, (w, t) in params.items()},
     )
 
 

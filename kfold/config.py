@@ -130,7 +130,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim.lr": 3e-3,
         "schedule.epochs": 10,
         "schedule.warmup_epochs": 1,
-        "train.batch_size": 8,
+        "train.batch_size": 4,  # the reference batch; 8 gave half the steps and 0.02-0.03 lower demo OOF mIoU
         "train.ema_decay": 0.9,
         "tta.scales": (1.0,),
         "tta.max_batch": 32,

@@ -231,6 +231,10 @@ def test_per_class_blend_writes_a_class_by_member_record(setup: dict, tmp_path: 
     # each class trusts the model that gets it: above the global blend, in-sample and nested, at full resolution
     assert rec["oof"]["miou"] > setup["record"]["oof"]["miou"] + 0.03
     assert rec["nested"]["miou"] > setup["record"]["nested"]["miou"]
+    # the global blend it started from is scored beside it (the same fit as the plain blend's)
+    assert rec["global"]["oof"]["miou"] == pytest.approx(setup["record"]["oof"]["miou"], abs=1e-9)
+    assert rec["global"]["nested"]["miou"] == pytest.approx(setup["record"]["nested"]["miou"], abs=1e-9)
+    assert "blend (global)" in table and "global (nested)" in table and setup["record"]["global"] is None
     assert rec["oof"]["miou"] == pytest.approx(mean_iou(_direct_cm(runs, root, "oof", weights,
                                                                    rec["temperatures"])), abs=1e-9)
     assert rec["test"]["miou"] == pytest.approx(mean_iou(_direct_cm(runs, root, "test", weights,
