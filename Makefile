@@ -16,6 +16,7 @@ $(STAMP): requirements.txt pyproject.toml
 
 # The demo: synthetic rooms, two experiments x 5 folds (CPU-sized preset, one process per experiment,
 # one thread each: on 2 cores that beats two threads per process), the blend, the submission and its score.
+# The blend has per-class weights and also reports the global blend they started from.
 # Re-running it skips finished folds and resumes unfinished ones. Background jobs ignore Ctrl-C, so the
 # trap passes it on to the whole process group.
 DEMO_DATA := data/synthetic

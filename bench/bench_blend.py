@@ -12,8 +12,8 @@ complementary per class, with different confidences so that uniform weights are 
 * a fine grid search of the weights on the same full-resolution objective (the optimum to reach).
 
 Every final blend is scored the same way, by ``ensemble.stores.score_full_res`` (full label resolution).
-Weights only (temperatures fixed at 1) so that every method searches the same space; one extra line shows
-ours with temperatures fitted too.
+Weights only (temperatures fixed at 1) so that every method searches the same space; extra lines show
+ours with temperatures fitted too, and per-class weights (``--per-class``) against one weight per model.
 """
 
 from __future__ import annotations
@@ -115,6 +115,7 @@ def run_case(runs: Path, n_models: int, cfg: dict) -> None:
     fit = fit_blend(sample.probs, sample.labels, sample.weights, C, "slsqp", fit_temperature=False)
     t_ours = time.perf_counter() - t0
     fit_t = fit_blend(sample.probs, sample.labels, sample.weights, C, "slsqp", fit_temperature=True)
+    fit_pc = fit_blend(sample.probs, sample.labels, sample.weights, C, "slsqp", fit_temperature=False, per_class=True)
 
     t0 = time.perf_counter()
     probs, labels = load_full(members, 32)
@@ -136,6 +137,7 @@ def run_case(runs: Path, n_models: int, cfg: dict) -> None:
 
     ones = np.ones(n_models)
     blends = {"ours": (fit.weights, ones), "ours_T": (fit_t.weights, fit_t.temperatures),
+              "ours_per_class": (fit_pc.weights, ones),
               "slsqp_fd": (w_slsqp, ones), "nelder_mead": (w_nm, ones), "grid": (w_grid, ones),
               "uniform": (np.full(n_models, 1.0 / n_models), ones)}
     cms = score_full_res(members, {k: dict.fromkeys(range(members.folds), v) for k, v in blends.items()}, chunk=32)
@@ -157,6 +159,9 @@ def run_case(runs: Path, n_models: int, cfg: dict) -> None:
     result("blend", f"{tag}: OOF mIoU others", f"{miou['ours']:.4f}", "nelder-mead", f"{miou['nelder_mead']:.4f}",
            slsqp_fd=f"{miou['slsqp_fd']:.4f}", uniform=f"{miou['uniform']:.4f}",
            ours_with_T=f"{miou['ours_T']:.4f}")
+    result("blend", f"{tag}: per-class vs global weights", f"{miou['ours_per_class']:.4f}", "global",
+           f"{miou['ours']:.4f}", diff=f"{miou['ours_per_class'] - miou['ours']:+.4f}", chosen=fit_pc.chosen,
+           fit_s=f"{fit_pc.seconds:.2f}", global_fit_s=f"{fit.seconds:.2f}")
     note(f"{tag}: weights ours {np.round(fit.weights, 3).tolist()} ({fit.chosen}), grid {np.round(w_grid, 3).tolist()},"
          f" nelder-mead {np.round(w_nm, 3).tolist()}, slsqp-fd {np.round(w_slsqp, 3).tolist()} ({msg_slsqp})")
 

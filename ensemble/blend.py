@@ -89,7 +89,7 @@ def _scores(cm: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
 def _chosen_label(chosen: str, names: Sequence[str]) -> str:
     if chosen.startswith("best_single:"):
         return f"best single ({names[int(chosen.split(':')[1])]})"
-    return {"global": "global weights", "optimiser": "optimiser"}.get(chosen, chosen)
+    return "global weights" if chosen == "global" else chosen
 
 
 def method_label(method: str, per_class: bool) -> str:

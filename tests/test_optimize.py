@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from ensemble.optimize import (
-    Surrogate,
     blend_probs,
     fit_blend,
     fit_temperature_nll,
@@ -18,6 +17,7 @@ from ensemble.optimize import (
     weighted_confusion,
 )
 from ensemble.sampling import gather_pixels, pixel_image_index, stratified_pixel_sample
+from ensemble.surrogate import Surrogate
 from kfold.metrics import confusion_matrix, mean_iou
 
 C = 13
