@@ -31,7 +31,8 @@ demo: $(STAMP)
 	@test -f $(DEMO_DATA)/scenes.csv || \
 	  $(PY) -m kfold.data.synthetic --out $(DEMO_DATA) --train 200 --test 50 --size 120x160 --seed 0
 	@mkdir -p runs
-	@echo "training $(DEMO_EXPERIMENTS) on 5 folds each, in parallel (progress bars in runs/<experiment>.stderr)"
+	@echo "training $(DEMO_EXPERIMENTS) on 5 folds each, in parallel: one line per epoch below;"
+	@echo "logs in runs/<experiment>/fold<k>/train.log, warnings and errors in runs/<experiment>.stderr"
 	@set -o pipefail; \
 	trap 'trap - INT TERM; echo "interrupted: run make demo again to finish"; kill -TERM 0' INT TERM; \
 	$(foreach exp,$(DEMO_EXPERIMENTS),(OMP_NUM_THREADS=1 $(PY) experiments/$(exp).py $(DEMO_ARGS) \

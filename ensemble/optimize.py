@@ -26,6 +26,7 @@ import numpy as np
 import scipy.optimize
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from ensemble.search import (
     T_BOUNDS,
@@ -340,7 +341,8 @@ def nested_cv(
         raise ValueError(f"nested CV needs >= 2 folds, pixel_fold holds {folds.tolist()}")
     pooled = np.zeros((num_classes, num_classes))
     results = []
-    for f in folds:
+    bar = tqdm(folds, desc="blend: nested CV", unit="fold", leave=False, disable=None)
+    for f in bar:
         tr, te = pixel_fold != f, pixel_fold == f
         fit = fit_blend([p[tr] for p in model_probs], labels[tr], sample_weight[tr], num_classes, method,
                         **fit_kwargs)
@@ -348,4 +350,5 @@ def nested_cv(
                          fit.temperatures, num_classes)
         pooled += cm
         results.append(FoldResult(fold=int(f), fit=fit, confusion=cm, miou=float(mean_iou(cm))))
+        bar.set_postfix(heldout_miou=f"{results[-1].miou:.4f}")
     return pooled, results

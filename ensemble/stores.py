@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from ensemble.optimize import blend_probs
 from ensemble.sampling import gather_pixels, stratified_pixel_sample
@@ -181,6 +182,12 @@ class PixelSample:
     fold: np.ndarray
 
 
+def _progress(chunks: Iterator, n_images: int, chunk: int, desc: str) -> Iterator:
+    """A tqdm bar over streamed chunks, counted in images; off when stderr is not a terminal."""
+    return tqdm(chunks, desc=desc, total=-(-n_images // chunk), unit="chunk", leave=False, disable=None,
+                postfix={"images": n_images})
+
+
 def nearest_rows(out_size: int, in_size: int) -> np.ndarray:
     """Full-resolution row (or column) under the centre of each of ``out_size`` grid cells."""
     return np.minimum(((np.arange(out_size) + 0.5) * in_size / out_size).astype(np.int64), in_size - 1)
@@ -210,7 +217,8 @@ def build_sample(members: Members, n_pixels: int, seed: int, chunk: int) -> Pixe
     fold = np.asarray([members.fold_of[ids[i]] for i in image], dtype=np.int64)
     probs = [np.empty((len(index), members.num_classes), dtype=np.float32) for _ in members.stores]
     bounds = np.searchsorted(image, np.arange(0, len(ids) + chunk, chunk))
-    for k, (_, chunk_probs) in enumerate(members.iter_oof(chunk, ids)):
+    chunks = _progress(members.iter_oof(chunk, ids), len(ids), chunk, "blend: sample OOF pixels")
+    for k, (_, chunk_probs) in enumerate(chunks):
         lo, hi = bounds[k], bounds[k + 1]
         local = index[lo:hi] - k * chunk * h * w
         for m, p in enumerate(chunk_probs):
@@ -247,7 +255,8 @@ def score_full_res(
     cms = {name: np.zeros((C, C), dtype=np.int64) for name in blends}
     if score_members:
         cms.update({name: np.zeros((C, C), dtype=np.int64) for name in members.names})
-    for ids, raw in members.iter_oof(chunk, on_grid=False):
+    chunks = _progress(members.iter_oof(chunk, on_grid=False), len(members.ids), chunk, "blend: full-res OOF score")
+    for ids, raw in chunks:
         probs = [members.on_grid(p) for p in raw]
         labels = members.labels(ids)
         fold = np.asarray([members.fold_of[i] for i in ids])
@@ -275,7 +284,7 @@ def predict_test(
         cm: when given (and the root has test labels), the (C, C) confusion of the predictions is added to it.
     """
     C, size = members.num_classes, members.image_size
-    for ids, probs in members.iter_test(chunk):
+    for ids, probs in _progress(members.iter_test(chunk), len(members.test_ids), chunk, "blend: test"):
         pred = blend_argmax(probs, params, size).numpy()
         if cm is not None:
             cm += confusion_matrix(members.labels(ids, "test"), pred, C)

@@ -12,6 +12,7 @@ import csv
 import io
 import math
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -75,7 +76,9 @@ def _predict_into(
 ) -> list[str]:
     """Predict every batch of ``loader`` into the rows of ``out`` (stored temperature); return the ids."""
     ids: list[str] = []
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not sys.stderr.isatty()):
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=desc, leave=False, disable=not sys.stderr.isatty())
+    for batch in bar:
         images = batch["image"].to(device, non_blocking=True)
         merged = predict_tta(model, images, cfg, out_size=size)
         stored = merged.probs[temperature].half()
@@ -85,6 +88,7 @@ def _predict_into(
             raise ValueError(f"{desc}: the model predicts non-finite probabilities for id {bad!r}")
         out[len(ids) : len(ids) + len(stored)] = stored.cpu().numpy()
         ids.extend(batch["id"])
+        bar.set_postfix(img_s=f"{len(ids) / (time.perf_counter() - start):.1f}", tta=f"{cfg.num_views}x")
         if on_batch is not None:
             on_batch(batch, merged)
     if len(ids) != len(out):
