@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from ensemble.optimize import METHODS, fit_blend, nested_cv
+from ensemble.nested import default_workers, fit_pool, nested_cv
+from ensemble.optimize import METHODS, fit_blend
 from ensemble.plots import plot_per_class, plot_weights
 from ensemble.stores import Members, build_sample, open_members, predict_test, score_full_res
 from kfold.io import write_json
@@ -57,12 +58,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="report without writing anything")
     p.add_argument("--out-dir", type=Path, default=Path("submissions"))
     p.add_argument("--chunk", type=int, default=32, help="images per streamed chunk")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes for the fits (default: one per fit, at most one per CPU; 1 = no pool)")
     p.add_argument("--debug", action="store_true", help="full traceback on error")
     args = p.parse_args(argv)
     if args.name is not None and not NAME.fullmatch(args.name):
         p.error(f"--name {args.name!r}: use letters, digits and . _ + - only")
     if args.per_class and args.method != "slsqp":
         p.error(f"--per-class needs --method slsqp, got --method {args.method}")
+    if args.workers is not None and args.workers < 1:
+        p.error(f"--workers must be >= 1, got {args.workers}")
     if args.chunk < 1:
         p.error(f"--chunk must be >= 1, got {args.chunk}")
     return args
@@ -121,14 +126,22 @@ def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -
     sample = build_sample(members, args.pixels, args.seed, args.chunk)
     lap("sample")
     fit_kw = {"fit_temperature": not args.no_temperature, "seed": args.seed, "per_class": args.per_class}
-    fit = fit_blend(sample.probs, sample.labels, sample.weights, C, args.method, **fit_kw)
+    fit_args = (sample.probs, sample.labels, sample.weights, C, args.method)
+    # The in-sample fit and the k nested fits are independent: with a pool they run side by side.
+    pool = fit_pool(args.workers or default_workers(k + 1))
+    try:
+        in_sample = pool.submit(fit_blend, *fit_args, **fit_kw) if pool else None
+        _, folds = nested_cv(sample.probs, sample.labels, sample.weights, sample.fold, C, args.method, pool,
+                             **fit_kw)
+        fit = in_sample.result() if in_sample else fit_blend(*fit_args, **fit_kw)
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
     log(fit.message)
-    lap("fit")
-    _, folds = nested_cv(sample.probs, sample.labels, sample.weights, sample.fold, C, args.method, **fit_kw)
     if sorted(r.fold for r in folds) != list(range(k)):
         raise ValueError(f"the pixel sample misses fold(s) {sorted(set(range(k)) - {r.fold for r in folds})}; "
                          f"raise --pixels")
-    lap("nested")
+    lap("fit + nested")
 
     params = (fit.weights, fit.temperatures)
     blends = {"blend": dict.fromkeys(range(k), params),

@@ -1,4 +1,4 @@
-"""Blend weights and temperatures that really maximise OOF mIoU, and an honest nested-CV estimate of it.
+"""Blend weights and temperatures that really maximise OOF mIoU.
 
 The mIoU of ``argmax(sum_m w_m p_m)`` is piecewise constant in the weights: its finite-difference gradient
 is zero almost everywhere, so gradient methods on it (SLSQP with numeric derivatives) stop at their start
@@ -9,7 +9,7 @@ never worse on the sample than uniform weights or the best single model. With ``
 gets one weight per class (M x C, each class's column on the simplex), fitted from the global optimum: a
 model can be trusted for the classes it segments best.
 The surrogate lives in ``ensemble.surrogate``, the true-mIoU evaluator and the derivative-free searches in
-``ensemble.search``.
+``ensemble.search``, the nested-CV estimate in ``ensemble.nested``.
 
 All inputs are pixel samples: probabilities (P, C) per model, labels (P,), and per-pixel weights that
 restore population class frequencies (``ensemble.sampling.stratified_pixel_sample``).
@@ -26,7 +26,6 @@ import numpy as np
 import scipy.optimize
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from ensemble.search import (
     T_BOUNDS,
@@ -38,7 +37,6 @@ from ensemble.search import (
     weighted_confusion,
 )
 from ensemble.surrogate import Surrogate
-from kfold.metrics import mean_iou
 from tta.functional import apply_temperature
 
 METHODS = ("slsqp", "hillclimb", "uniform")
@@ -63,16 +61,6 @@ class BlendResult:
     message: str
     candidates: dict[str, float] = field(default_factory=dict)  # sample mIoU of every candidate
     candidate_params: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # (weights, T)
-
-
-@dataclass
-class FoldResult:
-    """One outer fold of ``nested_cv``: the blend fitted without the fold and its held-out score."""
-
-    fold: int
-    fit: BlendResult
-    confusion: np.ndarray  # weighted (C, C) confusion matrix of the held-out sample pixels
-    miou: float
 
 
 def blend_probs(
@@ -312,43 +300,3 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
-
-
-def nested_cv(
-    model_probs: Sequence[np.ndarray],
-    labels: np.ndarray,
-    sample_weight: np.ndarray,
-    pixel_fold: np.ndarray,
-    num_classes: int,
-    method: str = "slsqp",
-    **fit_kwargs,
-) -> tuple[np.ndarray, list[FoldResult]]:
-    """Nested-CV estimate of a blend: fit on the other folds' pixels, score each held-out fold.
-
-    Args:
-        model_probs, labels, sample_weight, num_classes: as in ``fit_blend``.
-        pixel_fold: (P,) fold id of each sample pixel (the fold of its image).
-        method: fitting method; ``fit_kwargs`` go to ``fit_blend``.
-
-    Returns:
-        (pooled weighted (C, C) confusion matrix of all held-out pixels, one ``FoldResult`` per fold).
-    """
-    pixel_fold = np.asarray(pixel_fold)
-    if pixel_fold.shape != np.shape(labels):
-        raise ValueError(f"pixel_fold has shape {pixel_fold.shape}, labels {np.shape(labels)}")
-    folds = np.unique(pixel_fold)
-    if len(folds) < 2:
-        raise ValueError(f"nested CV needs >= 2 folds, pixel_fold holds {folds.tolist()}")
-    pooled = np.zeros((num_classes, num_classes))
-    results = []
-    bar = tqdm(folds, desc="blend: nested CV", unit="fold", leave=False, disable=None)
-    for f in bar:
-        tr, te = pixel_fold != f, pixel_fold == f
-        fit = fit_blend([p[tr] for p in model_probs], labels[tr], sample_weight[tr], num_classes, method,
-                        **fit_kwargs)
-        cm = score_blend([p[te] for p in model_probs], labels[te], sample_weight[te], fit.weights,
-                         fit.temperatures, num_classes)
-        pooled += cm
-        results.append(FoldResult(fold=int(f), fit=fit, confusion=cm, miou=float(mean_iou(cm))))
-        bar.set_postfix(heldout_miou=f"{results[-1].miou:.4f}")
-    return pooled, results

@@ -12,13 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kfold.io import atomic_path  # noqa: E402
-
-
-def _save(fig: plt.Figure, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
+from kfold.plots import save_figure  # noqa: E402
 
 
 def plot_weights(
@@ -68,7 +62,7 @@ def plot_weights(
     for i, v in enumerate(temperatures):
         ax_t.text(v + 0.01, i, f"{v:.2f}", va="center", fontsize=8)
     fig.suptitle(title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_per_class(
@@ -98,4 +92,4 @@ def plot_per_class(
     ax.set_ylabel("IoU (full-resolution OOF)")
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    _save(fig, path)
+    save_figure(fig, path)

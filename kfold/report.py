@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 
 from kfold.data.layout import DataError, DataRoot
-from kfold.io import atomic_path, write_json, write_text
+from kfold.io import write_json, write_text
 from kfold.metrics import mean_iou, pixel_accuracy
 from kfold.oof import ExperimentStore, StoreError, list_experiments, open_experiment, resolve_root, score_experiment
-from kfold.plots import plot_qualitative
+from kfold.plots import plot_qualitative, save_figure
 
 POOLED = "pooled confusion matrices"
 MEAN_OF_FOLDS = "mean of fold mIoUs"
@@ -99,14 +99,6 @@ def _report_csv(report: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
-def _save_figure(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-
-
 def plot_per_class_iou(per_class: dict[str, float], miou: float, path: Path, title: str) -> None:
     """Horizontal bar plot of the per-class IoU with the mIoU as a dashed line."""
     import matplotlib
@@ -124,7 +116,7 @@ def plot_per_class_iou(per_class: dict[str, float], miou: float, path: Path, tit
     ax.set_xlabel("IoU")
     ax.set_title(title)
     ax.legend(loc="lower right")
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: str) -> None:
@@ -151,7 +143,7 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: st
                     ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
                             color="white" if norm[i, j] > 0.5 else "black")
     fig.colorbar(image, ax=ax, fraction=0.046)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def experiment_report(

@@ -8,11 +8,11 @@ import scipy.optimize
 import torch
 import torch.nn.functional as F
 
+from ensemble.nested import fit_pool, nested_cv
 from ensemble.optimize import (
     blend_probs,
     fit_blend,
     fit_temperature_nll,
-    nested_cv,
     score_blend,
     weighted_confusion,
 )
@@ -210,6 +210,22 @@ def test_nested_cv_is_not_above_in_sample(two_models):
     assert nested > _miou(probs, y, w, [0.5, 0.5]) + 0.05  # the fitted blend still generalises
     with pytest.raises(ValueError, match="pixel_fold has shape"):
         nested_cv(probs, y, w, fold[:-1], C)
+
+
+def test_nested_cv_in_a_process_pool_gives_the_serial_result(two_models):
+    probs, y, w = two_models
+    fold = np.random.default_rng(8).integers(0, 3, len(y))
+    serial, serial_folds = nested_cv(probs, y, w, fold, C, "slsqp", per_class=True)
+    pool = fit_pool(2)
+    try:
+        pooled, folds = nested_cv(probs, y, w, fold, C, "slsqp", pool, per_class=True)
+    finally:
+        pool.shutdown()
+    assert np.array_equal(pooled, serial)
+    assert [f.fold for f in folds] == [0, 1, 2]
+    for a, b in zip(folds, serial_folds):
+        assert np.array_equal(a.fit.weights, b.fit.weights) and np.array_equal(a.fit.temperatures, b.fit.temperatures)
+    assert fit_pool(1) is None
 
 
 def test_bad_inputs_are_clear_errors(two_models):

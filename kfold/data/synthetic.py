@@ -112,6 +112,7 @@ def _generate(out: Path, n_train, n_test, size, seed, views_per_room, progress) 
                     pending.popleft().result()
                 counts += np.bincount(label.ravel(), minlength=256)
                 rows.append(f"{image_id},room{room_index:04d}")
+                bar.set_postfix(split=split, room=room_index, refresh=False)
                 bar.update()
         for future in pending:
             future.result()

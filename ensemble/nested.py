@@ -1,0 +1,116 @@
+"""The honest estimate of a blend: nested cross-validation over the folds of the OOF pixel sample.
+
+Each outer fold's blend is fitted on the other folds' pixels only and scored on the held-out fold, so no
+score peeks at the pixels its weights were fitted on. The fits are independent and each runs on one
+thread (``fit_blend``), so they spread over worker processes: ``fit_pool`` gives the pool, shared with
+the in-sample fit by ``ensemble/blend.py``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from ensemble.optimize import BlendResult, fit_blend, score_blend
+from kfold.metrics import mean_iou
+
+
+@dataclass
+class FoldResult:
+    """One outer fold of ``nested_cv``: the blend fitted without the fold and its held-out score."""
+
+    fold: int
+    fit: BlendResult
+    confusion: np.ndarray  # weighted (C, C) confusion matrix of the held-out sample pixels
+    miou: float
+
+
+def fit_pool(workers: int) -> ProcessPoolExecutor | None:
+    """A process pool for blend fits, or None (run in this process) when ``workers`` <= 1.
+
+    Workers are spawned, not forked: a fork of a process whose OpenMP pool is running can hang.
+    """
+    if workers <= 1:
+        return None
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def default_workers(n_fits: int) -> int:
+    """One worker per fit, at most one per CPU this process may use."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(n_fits, cpus))
+
+
+def fit_held_out(
+    model_probs: Sequence[np.ndarray],
+    labels: np.ndarray,
+    sample_weight: np.ndarray,
+    pixel_fold: np.ndarray,
+    fold: int,
+    num_classes: int,
+    method: str,
+    fit_kwargs: dict,
+) -> FoldResult:
+    """Fit a blend on every fold but ``fold`` and score it on ``fold`` (one outer fold of ``nested_cv``)."""
+    train, held_out = pixel_fold != fold, pixel_fold == fold
+    fit = fit_blend([p[train] for p in model_probs], labels[train], sample_weight[train], num_classes, method,
+                    **fit_kwargs)
+    cm = score_blend([p[held_out] for p in model_probs], labels[held_out], sample_weight[held_out], fit.weights,
+                     fit.temperatures, num_classes)
+    return FoldResult(fold=int(fold), fit=fit, confusion=cm, miou=float(mean_iou(cm)))
+
+
+def nested_cv(
+    model_probs: Sequence[np.ndarray],
+    labels: np.ndarray,
+    sample_weight: np.ndarray,
+    pixel_fold: np.ndarray,
+    num_classes: int,
+    method: str = "slsqp",
+    executor: Executor | None = None,
+    **fit_kwargs,
+) -> tuple[np.ndarray, list[FoldResult]]:
+    """Nested-CV estimate of a blend: fit on the other folds' pixels, score each held-out fold.
+
+    Args:
+        model_probs, labels, sample_weight, num_classes: as in ``fit_blend``.
+        pixel_fold: (P,) fold id of each sample pixel (the fold of its image).
+        method: fitting method; ``fit_kwargs`` go to ``fit_blend``.
+        executor: runs the folds' fits (e.g. ``fit_pool``); None fits them one after another here. The
+            results are the same either way: every fit is deterministic and single-threaded.
+
+    Returns:
+        (pooled weighted (C, C) confusion matrix of all held-out pixels, one ``FoldResult`` per fold).
+    """
+    pixel_fold = np.asarray(pixel_fold)
+    if pixel_fold.shape != np.shape(labels):
+        raise ValueError(f"pixel_fold has shape {pixel_fold.shape}, labels {np.shape(labels)}")
+    folds = np.unique(pixel_fold)
+    if len(folds) < 2:
+        raise ValueError(f"nested CV needs >= 2 folds, pixel_fold holds {folds.tolist()}")
+    args = (model_probs, labels, sample_weight, pixel_fold)
+    bar = tqdm(total=len(folds), desc="blend: nested CV", unit="fold", leave=False, disable=None)
+    if executor is None:
+        results = []
+        for f in folds:
+            results.append(fit_held_out(*args, int(f), num_classes, method, fit_kwargs))
+            bar.update()
+            bar.set_postfix(heldout_miou=f"{results[-1].miou:.4f}")
+    else:
+        futures: list[Future] = [executor.submit(fit_held_out, *args, int(f), num_classes, method, fit_kwargs)
+                                 for f in folds]
+        for done in as_completed(futures):
+            bar.update()
+            bar.set_postfix(heldout_miou=f"{done.result().miou:.4f}")
+        results = [f.result() for f in futures]
+    bar.close()
+    pooled = np.zeros((num_classes, num_classes))
+    for r in results:  # in fold order, so the pooled sum does not depend on which fit finished first
+        pooled += r.confusion
+    return pooled, results
