@@ -161,18 +161,24 @@ def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -
     sample_sub = members.root.path / "sample_submission.csv"
     if not members.root.test_ids:
         raise ValueError(f"{members.root.path}: no test images to predict")
-    test_cm = np.zeros((C, C), dtype=np.int64) if members.root.has_test_labels else None
-    summary = write_submission(csv_path, predict_test(members, params, args.chunk, test_cm), C, args.order,
+    test_cms = None
+    if members.root.has_test_labels:
+        test_cms = {n: np.zeros((C, C), dtype=np.int64) for n in ["blend", *names]}
+    summary = write_submission(csv_path, predict_test(members, params, args.chunk, test_cms), C, args.order,
                                sample_sub if sample_sub.is_file() else None, members.root.test_ids, args.dry_run)
     lap("submission")
     test = None
-    if test_cm is not None:
+    if test_cms is not None:
         labels_dir = members.root.path / "test_labels"
+        cm = test_cms["blend"]
         if args.dry_run:  # nothing written: score the class maps directly
-            test = {"miou": mean_iou(test_cm), "pixel_acc": pixel_accuracy(test_cm), "source": "direct (dry run)"}
-        else:
+            test = {"miou": mean_iou(cm), "pixel_acc": pixel_accuracy(cm), "source": "direct (dry run)"}
+        else:  # score what was written, as the leaderboard would
             s = score_submission(csv_path, labels_dir, C, args.order)
             test = {"miou": s["miou"], "pixel_acc": s["pixel_acc"], "source": f"{csv_path} vs {labels_dir}"}
+        # Each member alone on the same test images (fold-averaged probabilities, T = 1).
+        test["members"] = {n: {"miou": mean_iou(test_cms[n]), "pixel_acc": pixel_accuracy(test_cms[n])}
+                           for n in names}
         lap("test score")
 
     record = {
@@ -250,6 +256,8 @@ def format_table(record: dict[str, Any]) -> str:
     if record["test"] is not None:
         t = record["test"]
         rows.append(f"{'test (local)':<{width}} {t['miou']:>8.4f}   {t['pixel_acc']:>9.4f}   {t['source']}")
+        rows += [f"{'  ' + n + ' alone':<{width}} {s['miou']:>8.4f}   {s['pixel_acc']:>9.4f}   the same test images"
+                 for n, s in t.get("members", {}).items()]
     temps = " ".join(f"{n}={t:.2f}" for n, t in zip(names, record["temperatures"]))
     if np.ndim(record["weights"]) == 2:  # per class: one line per member
         rows.append("weights per class: " + " ".join(f"{c[:5]:>5}" for c in record["classes"]))

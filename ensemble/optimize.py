@@ -229,7 +229,8 @@ def fit_blend(
         seed: hillclimb tie-breaking and the slsqp surrogate subsample.
         rounds: hillclimb rounds (weights are counts / rounds).
         max_polish_evals: true-mIoU evaluation budget of the slsqp polish (x C for per-class weights).
-        sharpness: slsqp surrogate sharpness schedule (see ``soft_jaccard``), one SLSQP run per value.
+        sharpness: slsqp surrogate sharpness schedule (see ``soft_jaccard``), one SLSQP run per value;
+            the per-class stage runs only the last one.
         surrogate_pixels: at most this many sample pixels (a uniform subsample) feed the slsqp surrogate.
         num_threads: torch intra-op threads during the fit (restored after); None keeps the current setting.
         per_class: slsqp only: after the global fit, fit (M, C) per-class weights starting from it; the
@@ -264,9 +265,12 @@ def fit_blend(
             weights, temps, msg = _fit_slsqp(ev, uniform_w, np.zeros(m), *fit_args)
             if per_class:
                 params["global"], candidates["global"] = (weights, temps), ev.miou(weights, temps)
+                # From the global optimum one SLSQP run at the final sharpness does as well as the whole
+                # continuation (demo blend: 0.2211 in-sample, 0.2149 nested vs 0.2211, 0.2146) in 70% of the time.
                 w0 = np.repeat(weights[:, None], num_classes, axis=1)
-                weights, temps, msg_c = _fit_slsqp(ev, w0, np.log(temps), fit_temperature,
-                                                   max_polish_evals * num_classes, sharpness, surrogate_pixels, rng)
+                budget = max_polish_evals * num_classes
+                weights, temps, msg_c = _fit_slsqp(ev, w0, np.log(temps), fit_temperature, budget, sharpness[-1:],
+                                                   surrogate_pixels, rng)
                 msg += f"; then {msg_c}"
             moved = not (np.allclose(weights, 1.0 / m, rtol=0, atol=1e-9) and np.allclose(temps, 1, atol=1e-9))
         params["optimiser"], candidates["optimiser"] = (weights, temps), ev.miou(weights, temps)

@@ -273,7 +273,7 @@ def score_full_res(
 
 
 def predict_test(
-    members: Members, params: Params, chunk: int, cm: np.ndarray | None = None
+    members: Members, params: Params, chunk: int, cms: dict[str, np.ndarray] | None = None
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(test id, (H, W) uint8 class map)`` of the blend, chunk by chunk.
 
@@ -281,11 +281,15 @@ def predict_test(
         members: the blend's stores (each member's test probabilities are averaged over its folds).
         params: (weights, temperatures).
         chunk: images per streamed chunk.
-        cm: when given (and the root has test labels), the (C, C) confusion of the predictions is added to it.
+        cms: when given (the root must have test labels), the (C, C) confusion matrices of the blend
+            (key ``"blend"``) and of each member alone (key = its name) are added to it.
     """
     C, size = members.num_classes, members.image_size
     for ids, probs in _progress(members.iter_test(chunk), len(members.test_ids), chunk, "blend: test"):
         pred = blend_argmax(probs, params, size).numpy()
-        if cm is not None:
-            cm += confusion_matrix(members.labels(ids, "test"), pred, C)
+        if cms is not None:
+            labels = members.labels(ids, "test")
+            cms["blend"] += confusion_matrix(labels, pred, C)
+            for name, p in zip(members.names, probs):
+                cms[name] += confusion_matrix(labels, full_res_argmax(p, size).numpy(), C)
         yield from zip(ids, pred)

@@ -55,22 +55,31 @@ def plot_qualitative(store: ExperimentStore, root: DataRoot, path: Path, n_image
     """Rows of OOF images: RGB | depth | label | prediction | error (red = wrong, grey = ignored)."""
     ids = store.ids[:: max(1, len(store.ids) // n_images)][:n_images]
     colours = class_colours(store.num_classes)
+    depth_cmap = plt.get_cmap("viridis").with_extremes(bad="white")  # no sensor reading
     fig, axes = plt.subplots(len(ids), 5, figsize=(15, 2.6 * len(ids)), squeeze=False)
     for row, (image_id, probs) in enumerate((i, p) for chunk_ids, chunk in store.iter_oof(len(ids), ids)
                                             for i, p in zip(chunk_ids, chunk)):
         label = read_label(root.label_path("train", image_id), root.num_classes)
         pred = full_res_argmax(torch.from_numpy(probs[None]), label.shape)[0].numpy()
         ignored = label == IGNORE_INDEX
-        error = np.where(ignored[..., None], 128, np.where((pred != label)[..., None], [220, 30, 30], 255))
-        panels = [read_rgb(root.image_path("train", image_id)), read_depth(root.depth_path("train", image_id)),
-                  colours[np.where(ignored, store.num_classes, label)], colours[pred], error.astype(np.uint8)]
-        for col, (title, panel) in enumerate(zip(["RGB", "depth (m)", "label", "prediction", "error"], panels)):
+        wrong = (pred != label) & ~ignored
+        error = np.where(ignored[..., None], 128, np.where(wrong[..., None], [220, 30, 30], 255)).astype(np.uint8)
+        depth = read_depth(root.depth_path("train", image_id))
+        accuracy = 1.0 - wrong.sum() / max(1, (~ignored).sum())
+        panels = [("RGB", read_rgb(root.image_path("train", image_id))),
+                  ("depth (m; white = no reading)", np.ma.masked_equal(depth, 0)),
+                  ("label (black = ignored)", colours[np.where(ignored, store.num_classes, label)]),
+                  (f"prediction (pixel acc {accuracy:.2f})", colours[pred]),
+                  ("error (red = wrong, grey = ignored)", error)]
+        for col, (title, panel) in enumerate(panels):
             ax = axes[row, col]
-            ax.imshow(panel, cmap="viridis" if panel.ndim == 2 else None)
+            shown = ax.imshow(panel, cmap=depth_cmap if panel.ndim == 2 else None)
+            if panel.ndim == 2:
+                fig.colorbar(shown, ax=ax, fraction=0.035, pad=0.02)
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(f"{image_id}: {title}" if col == 0 else title, fontsize=9)
     handles = [matplotlib.patches.Patch(color=colours[i] / 255, label=name) for i, name in enumerate(store.classes)]
     fig.legend(handles=handles, loc="lower center", ncol=min(7, len(handles)), fontsize=8)
-    fig.suptitle(f"{store.name}: OOF predictions")
+    fig.suptitle(f"{store.name}: OOF predictions (fold models on images they did not train on)")
     save_figure(fig, path)
