@@ -83,8 +83,8 @@ def build_optimizer(model: nn.Module, loss_fn: nn.Module, recipe: Recipe) -> tor
     rest = [p for p in model.parameters() if id(p) not in encoder_ids] + list(loss_fn.parameters())
     groups = [{"params": list(model.encoder.parameters()), "lr": cfg.lr * cfg.encoder_lr_scale, "name": "encoder"},
               {"params": rest, "lr": cfg.lr, "name": "decoder"}]
-    # The fused kernels do the whole update in one pass: on CPU the foreach AdamW step took 82 ms of a
-    # 0.3 s demo step (resnet18, 11M parameters), the fused one 19 ms.
+    # Fused kernels do the whole update in one pass. On one CPU thread the demo model's (resnet18 FPN, 11M
+    # parameters) foreach AdamW step took 82 ms of a 0.21 s training step, the fused one 19 ms.
     fused = all(p.device.type in ("cpu", "cuda") for group in groups for p in group["params"])
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
