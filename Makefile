@@ -17,8 +17,9 @@ $(STAMP): requirements.txt pyproject.toml
 # The demo: synthetic rooms, two experiments x 5 folds (CPU-sized preset, one process per experiment,
 # one thread each: on 2 cores that beats two threads per process), the blend, the submission and its score.
 # The blend has per-class weights and also reports the global blend they started from.
-# Re-running it skips finished folds and resumes unfinished ones. Background jobs ignore Ctrl-C, so the
-# trap passes it on to the whole process group.
+# Re-running it skips finished folds and resumes unfinished ones. Ctrl-C reaches the training processes
+# (kfold.cli re-enables SIGINT, which background jobs start with ignored): they stop with KeyboardInterrupt;
+# SIGTERM is passed on to the whole process group.
 DEMO_DATA := data/synthetic
 DEMO_EXPERIMENTS := exp093_2 exp093_5
 DEMO_ARGS := --preset demo --data-root $(DEMO_DATA) --resume
@@ -34,7 +35,8 @@ demo: $(STAMP)
 	@echo "training $(DEMO_EXPERIMENTS) on 5 folds each, in parallel: one line per epoch below;"
 	@echo "logs in runs/<experiment>/fold<k>/train.log, warnings and errors in runs/<experiment>.stderr"
 	@set -o pipefail; \
-	trap 'trap - INT TERM; echo "interrupted: run make demo again to finish"; kill -TERM 0' INT TERM; \
+	trap 'echo "interrupted: run make demo again to finish"; wait; exit 130' INT; \
+	trap 'trap - TERM; kill -TERM 0' TERM; \
 	$(foreach exp,$(DEMO_EXPERIMENTS),(OMP_NUM_THREADS=1 $(PY) experiments/$(exp).py $(DEMO_ARGS) \
 	  --opts train.seed $(DEMO_SEED_$(exp)) 2>runs/$(exp).stderr | sed -u "s/^/[$(exp)] /") & ) \
 	failed=0; for job in $$(jobs -p); do wait $$job || failed=1; done; \

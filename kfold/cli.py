@@ -7,6 +7,7 @@ import datetime
 import json
 import logging
 import platform
+import signal
 import subprocess
 import sys
 import warnings
@@ -183,6 +184,10 @@ def main(name: str, base: dict[str, Any], argv: list[str] | None = None) -> int:
         argv: command-line arguments (default ``sys.argv[1:]``).
     """
     args = parse_args(argv)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # Background jobs of a non-interactive shell (make demo trains two at once) start with SIGINT
+        # ignored; without this, Ctrl-C in the terminal would leave them training.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         run_experiment(name, base, args)
     except KeyboardInterrupt:
