@@ -161,24 +161,22 @@ def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -
     sample_sub = members.root.path / "sample_submission.csv"
     if not members.root.test_ids:
         raise ValueError(f"{members.root.path}: no test images to predict")
-    test_cms = None
+    cm = member_cms = None
     if members.root.has_test_labels:
-        test_cms = {n: np.zeros((C, C), dtype=np.int64) for n in ["blend", *names]}
-    summary = write_submission(csv_path, predict_test(members, params, args.chunk, test_cms), C, args.order,
+        cm, member_cms = np.zeros((C, C), dtype=np.int64), [np.zeros((C, C), dtype=np.int64) for _ in names]
+    summary = write_submission(csv_path, predict_test(members, params, args.chunk, cm, member_cms), C, args.order,
                                sample_sub if sample_sub.is_file() else None, members.root.test_ids, args.dry_run)
     lap("submission")
     test = None
-    if test_cms is not None:
+    if cm is not None:
         labels_dir = members.root.path / "test_labels"
-        cm = test_cms["blend"]
         if args.dry_run:  # nothing written: score the class maps directly
             test = {"miou": mean_iou(cm), "pixel_acc": pixel_accuracy(cm), "source": "direct (dry run)"}
         else:  # score what was written, as the leaderboard would
             s = score_submission(csv_path, labels_dir, C, args.order)
             test = {"miou": s["miou"], "pixel_acc": s["pixel_acc"], "source": f"{csv_path} vs {labels_dir}"}
         # Each member alone on the same test images (fold-averaged probabilities, T = 1).
-        test["members"] = {n: {"miou": mean_iou(test_cms[n]), "pixel_acc": pixel_accuracy(test_cms[n])}
-                           for n in names}
+        test["members"] = {n: {"miou": mean_iou(m), "pixel_acc": pixel_accuracy(m)} for n, m in zip(names, member_cms)}
         lap("test score")
 
     record = {

@@ -273,7 +273,11 @@ def score_full_res(
 
 
 def predict_test(
-    members: Members, params: Params, chunk: int, cms: dict[str, np.ndarray] | None = None
+    members: Members,
+    params: Params,
+    chunk: int,
+    cm: np.ndarray | None = None,
+    member_cms: Sequence[np.ndarray] | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(test id, (H, W) uint8 class map)`` of the blend, chunk by chunk.
 
@@ -281,15 +285,16 @@ def predict_test(
         members: the blend's stores (each member's test probabilities are averaged over its folds).
         params: (weights, temperatures).
         chunk: images per streamed chunk.
-        cms: when given (the root must have test labels), the (C, C) confusion matrices of the blend
-            (key ``"blend"``) and of each member alone (key = its name) are added to it.
+        cm: when given (the root must have test labels), the (C, C) confusion of the blend is added to it.
+        member_cms: likewise, one (C, C) matrix per member, for each member's predictions alone.
     """
     C, size = members.num_classes, members.image_size
     for ids, probs in _progress(members.iter_test(chunk), len(members.test_ids), chunk, "blend: test"):
         pred = blend_argmax(probs, params, size).numpy()
-        if cms is not None:
+        if cm is not None or member_cms is not None:
             labels = members.labels(ids, "test")
-            cms["blend"] += confusion_matrix(labels, pred, C)
-            for name, p in zip(members.names, probs):
-                cms[name] += confusion_matrix(labels, full_res_argmax(p, size).numpy(), C)
+        if cm is not None:
+            cm += confusion_matrix(labels, pred, C)
+        for member_cm, p in zip(member_cms or [], probs):
+            member_cm += confusion_matrix(labels, full_res_argmax(p, size).numpy(), C)
         yield from zip(ids, pred)

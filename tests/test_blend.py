@@ -144,6 +144,9 @@ def test_submission_validates_and_local_score_is_direct(setup: dict) -> None:
     scored = score_submission(out / "ab.csv", root / "test_labels", C, order="F")
     direct = mean_iou(_direct_cm(setup["runs"], root, "test", rec["weights"], rec["temperatures"]))
     assert scored["miou"] == pytest.approx(direct, abs=1e-9) == rec["test"]["miou"]
+    for name, weights in (("exp_a", [1, 0]), ("exp_b", [0, 1])):  # each member alone, on the same test images
+        alone = mean_iou(_direct_cm(setup["runs"], root, "test", weights, [1, 1]))
+        assert rec["test"]["members"][name]["miou"] == pytest.approx(alone, abs=1e-9)
     assert (out / "plots" / "ab_weights.png").stat().st_size > 0 and (out / "plots" / "ab_per_class.png").is_file()
 
 
@@ -225,6 +228,8 @@ def test_per_class_blend_writes_a_class_by_member_record(setup: dict, tmp_path: 
     name = "blend_slsqp-per-class_exp_a+exp_b"
     rec = json.loads((out / f"{name}.json").read_text())
     assert rec["per_class"] and "blend (slsqp-per-class)" in table and "weights per class:" in table
+    alone = {line.split()[0]: float(line.split()[2]) for line in table.splitlines() if " alone " in line}
+    assert alone == pytest.approx({n: s["miou"] for n, s in rec["test"]["members"].items()}, abs=1e-4)
     assert set(rec["candidates_sample"]) == {"uniform", "best_single:0", "global", "optimiser"}
     weights = np.asarray(rec["weights"])
     assert rec["chosen"] == "optimiser" and weights.shape == (2, C) and np.allclose(weights.sum(axis=0), 1)
