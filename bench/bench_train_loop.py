@@ -5,6 +5,8 @@ Both sides train the same model (smp FPN, resnet18, depth head; a fresh copy eac
 ``SegDepthLoss``, optimiser and lr schedule on identical pre-made batches, so the difference is the loop's
 own bookkeeping. Validation is left out of both (it is work, not overhead). Epochs are interleaved (ours,
 bare, ours, ...) and the fastest epoch of each side counts, because other processes only ever add time.
+A last figure times one step of the optimiser ``build_optimizer`` makes (fused AdamW) against torch's
+default foreach AdamW on the same parameters.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from common import fmt_s, parse_args, pick, result
+from common import best_time, fmt_s, parse_args, pick, result
 from timm.utils import ModelEmaV3
 
 from kfold.checkpoint import rng_state, save_checkpoint, write_metrics
@@ -88,6 +90,20 @@ def bare_epoch(side: Side, batches: list) -> float:
     return time.perf_counter() - t0
 
 
+def optimizer_step_times(model: torch.nn.Module, recipe, repeat: int) -> tuple[float, float]:
+    """(fused, foreach) seconds of one AdamW step over the model's parameters, random gradients."""
+    params = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    times = []
+    for fused in (True, False):
+        opt = torch.optim.AdamW(params, lr=recipe.optim.lr, weight_decay=recipe.optim.weight_decay, fused=fused,
+                                foreach=None if fused else True)
+        opt.step()  # state allocation
+        times.append(best_time(opt.step, repeat)[0])
+    return times[0], times[1]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(__doc__.split("\n\n")[0], argv)
     size, batch, steps, epochs = pick(args.mode, ((128, 160), 8, 20, 4), ((96, 128), 8, 5, 3), ((32, 32), 2, 1, 2))
@@ -117,6 +133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         result("train", f"epoch of {n_steps} steps + tail", fmt_s(ours_total), "bare", fmt_s(bare_total),
                bare_total / ours_total, overhead=f"{100 * (ours_total / bare_total - 1):+.1f}%",
                tail=fmt_s(tail), last_pt=f"{ckpt_mb:.0f}MB")
+    # build_optimizer's fused AdamW against torch's default (foreach) implementation
+    fused_s, foreach_s = optimizer_step_times(model, recipe, pick(args.mode, 10, 5, 1))
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    result("train", "AdamW step, fused vs foreach", fmt_s(fused_s), "foreach", fmt_s(foreach_s), foreach_s / fused_s,
+           params=f"{n_params:.1f}M")
     return 0
 
 
