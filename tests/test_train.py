@@ -80,6 +80,24 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(synthetic_root, tmp_p
     assert list(rows["epoch"]) == [1, 2, 3, 4]
 
 
+def test_ctrl_c_stops_a_run_started_with_sigint_ignored(synthetic_root, tmp_path):
+    """make demo's training jobs start with SIGINT ignored (background jobs of a shell): Ctrl-C must still stop
+    them, with the one-line message, and leave a fold that --resume continues."""
+    args = ["experiments/exp093_2.py", "--fold", "0", "--data-root", str(synthetic_root), *SMOKE,
+            "--out", str(tmp_path), "--opts", "schedule.epochs", "50", "tta.scales", "[1.0]"]
+    run = run_script(args, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    last = tmp_path / "exp093_2" / "fold0" / "last.pt"
+    deadline = time.time() + 240
+    while not last.exists() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert run.poll() is None, "the run ended before it could be interrupted"
+    run.send_signal(signal.SIGINT)
+    assert run.wait(timeout=60) == 130
+    assert "interrupted: finished folds are kept; run again with --resume" in run.stdout.read()
+    assert torch.load(last, weights_only=True)["epoch"] < 50
+    assert not (tmp_path / "exp093_2" / "fold0" / "manifest.json").exists()
+
+
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
                     reason="torchrun not installed")
 def test_torchrun_two_cpu_processes_count_each_image_once(synthetic_root, tmp_path):
