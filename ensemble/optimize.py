@@ -266,7 +266,8 @@ def fit_blend(
             if per_class:
                 params["global"], candidates["global"] = (weights, temps), ev.miou(weights, temps)
                 # From the global optimum one SLSQP run at the final sharpness does as well as the whole
-                # continuation (demo blend: 0.2211 in-sample, 0.2149 nested vs 0.2211, 0.2146) in 70% of the time.
+                # continuation (demo blend: 0.2211 in-sample, 0.2149 nested vs 0.2211, 0.2146; fit + nested
+                # 65 s vs 97 s).
                 w0 = np.repeat(weights[:, None], num_classes, axis=1)
                 budget = max_polish_evals * num_classes
                 weights, temps, msg_c = _fit_slsqp(ev, w0, np.log(temps), fit_temperature, budget, sharpness[-1:],
