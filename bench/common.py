@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from foldwise.io import write_json, write_text
 from kfold.data.layout import open_root, read_label
 from kfold.data.synthetic import generate
-from kfold.io import write_json, write_text
 from kfold.predict import open_npy, store_manifest
 from kfold.splits import ensure_folds, folds_sha256, read_folds
 

@@ -21,7 +21,6 @@ import math
 import re
 import sys
 import time
-import traceback
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +32,8 @@ from ensemble.nested import default_workers, fit_pool, nested_cv
 from ensemble.optimize import METHODS, fit_blend
 from ensemble.plots import plot_per_class, plot_weights
 from ensemble.stores import Members, build_sample, open_members, predict_test, score_full_res
-from kfold.io import write_json
+from foldwise.cli import ArgumentParser, run_entry_point
+from foldwise.io import write_json
 from kfold.metrics import iou_per_class, mean_iou, pixel_accuracy
 from submissions.leaderboard import upsert_leaderboard
 from submissions.score import score_submission
@@ -43,7 +43,7 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python ensemble/blend.py", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python ensemble/blend.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="folder of the experiments (default runs)")
     p.add_argument("--runs", nargs="+", metavar="EXP", default=None, help="experiments (default: every complete one)")
     p.add_argument("--method", choices=METHODS, default="slsqp")
@@ -60,7 +60,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk", type=int, default=32, help="images per streamed chunk")
     p.add_argument("--workers", type=int, default=None,
                    help="processes for the fits (default: one per fit, at most one per CPU; 1 = no pool)")
-    p.add_argument("--debug", action="store_true", help="full traceback on error")
     args = p.parse_args(argv)
     if args.name is not None and not NAME.fullmatch(args.name):
         p.error(f"--name {args.name!r}: use letters, digits and . _ + - only")
@@ -281,15 +280,7 @@ def format_table(record: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        record = run(args)
-    except (ValueError, OSError) as err:  # StoreError, DataError, SubmissionError are ValueErrors
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    print(format_table(record))
-    return 0
+    return run_entry_point(lambda: print(format_table(run(args))), args.debug)
 
 
 if __name__ == "__main__":

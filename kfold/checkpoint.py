@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from kfold.io import atomic_path, write_text
+from foldwise.io import atomic_path, write_text
 
 
 def rng_state() -> dict:

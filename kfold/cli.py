@@ -1,35 +1,33 @@
-"""The command line every experiment script shares: one recipe, k folds, train -> predict -> report."""
+"""The command line every experiment script shares: one recipe, k folds, train -> predict -> report.
+
+Everything up to the recipe check imports no torch, smp or timm: ``--help``, a mistyped ``--opts`` key and
+an out-of-range value are answered in well under a second.
+"""
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import logging
-import platform
 import signal
-import subprocess
 import sys
 import warnings
-from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import yaml
+from foldwise.cli import ArgumentParser, run_entry_point
+from kfold.config import ConfigError, Recipe, build_recipe, load_recipe, parse_opts, set_key
+from kfold.rundir import clear_fold, describe_difference, fold_dir, is_complete, recipe_differences, write_config
+from kfold.validate import validate_recipe
 
-from kfold.config import ConfigError, Recipe, build_recipe, load_recipe, parse_opts, set_key, to_dict
-from kfold.data.layout import DataRoot, open_root
-from kfold.distributed import DistInfo, barrier, cleanup, setup_distributed
-from kfold.io import write_text
-from kfold.models import load_weights, model_from_recipe
-from kfold.splits import ensure_folds, folds_sha256, read_folds
+if TYPE_CHECKING:
+    from kfold.data.layout import DataRoot
+    from kfold.distributed import DistInfo
 
 log = logging.getLogger("kfold")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train and predict the folds of one experiment.")
+    p = ArgumentParser(description="Train and predict the folds of one experiment.")
     p.add_argument("--fold", default="all", help="'all' (default), one fold '0' or a list '0,2,4'")
     p.add_argument("--data-root", "--data_root", dest="data_root", help="dataset root (default: data.root)")
     p.add_argument("--preset", default="full", help="full (the reference recipe), demo (CPU-sized) or smoke")
@@ -43,7 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="runs", help="runs folder (default: runs)")
     p.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
                    help="override recipe keys, e.g. optim.lr 3e-4")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p.add_argument("--retrain", action="store_true",
+                   help="retrain folds that finished (or started) under a different recipe, discarding their results")
     return p.parse_args(argv)
 
 
@@ -71,34 +70,6 @@ def parse_folds(text: str, k: int) -> list[int]:
     return folds
 
 
-def fold_complete(run_dir: Path) -> bool:
-    manifest = run_dir / "manifest.json"
-    try:
-        return json.loads(manifest.read_text()).get("status") == "complete"
-    except (OSError, ValueError):
-        return False
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def write_config(run_dir: Path, recipe: Recipe, root: DataRoot, fold: int) -> None:
-    """``config.yaml``: the resolved recipe plus what is needed to trust and repeat the run."""
-    packages = ["torch", "segmentation-models-pytorch", "timm", "albumentations", "numpy"]
-    info = {"experiment": recipe.name, "fold": fold, "data_root": str(root.path.resolve()),
-            "folds_sha256": folds_sha256(root), "git_commit": git_commit(), "command": sys.argv,
-            "created": datetime.datetime.now().isoformat(timespec="seconds"),
-            "versions": {"python": platform.python_version(), **{p: version(p) for p in packages}},
-            "recipe": to_dict(recipe)}
-    write_text(run_dir / "config.yaml", yaml.safe_dump(info, sort_keys=False))
-
-
 def setup_logging(run_dir: Path, dist: DistInfo) -> None:
     log.handlers.clear()
     log.setLevel(logging.INFO if dist.is_main else logging.WARNING)
@@ -116,20 +87,22 @@ def setup_logging(run_dir: Path, dist: DistInfo) -> None:
 def run_fold(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[str, int], args: argparse.Namespace,
              dist: DistInfo) -> None:
     """Train (unless ``--predict-only``) and predict one fold."""
+    from kfold.distributed import barrier
+    from kfold.models import load_weights, model_from_recipe
     from kfold.plots import plot_curves
-    from kfold.predict import predict_fold  # prediction pulls in tta; keep `--help` fast
+    from kfold.predict import predict_fold
+    from kfold.splits import folds_sha256
     from kfold.train import amp_dtype, fit_fold
 
-    run_dir = Path(args.out) / recipe.name / f"fold{fold}"
+    run_dir = fold_dir(args.out, recipe.name, fold)
     train_ids = [i for i in root.train_ids if fold_of[i] != fold]
     val_ids = [i for i in root.train_ids if fold_of[i] == fold]
     setup_logging(run_dir, dist)
     if dist.is_main:
         for stale in run_dir.glob(".*.tmp"):  # left by a killed write; never read, only taking space
             stale.unlink(missing_ok=True)
+        write_config(run_dir, recipe, root.path, fold, folds_sha256(root))
     if not args.predict_only:
-        if dist.is_main:
-            write_config(run_dir, recipe, root, fold)
         log.info("%s fold %d: %d train / %d validation images -> %s", recipe.name, fold, len(train_ids),
                  len(val_ids), run_dir)
         fit_fold(recipe, root, run_dir, train_ids, val_ids, dist, resume=args.resume,
@@ -149,9 +122,47 @@ def run_fold(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[str, int],
     barrier()
 
 
+def folds_to_run(recipe: Recipe, folds: list[int], args: argparse.Namespace, root_path: Path,
+                 folds_digest: str | None) -> list[int]:
+    """The requested folds that need work; refuses to reuse a fold recorded under a different recipe.
+
+    A complete fold is skipped when its ``config.yaml`` matches the recipe (result-neutral keys aside); one
+    that differs, or an unfinished one to ``--resume`` that differs, is an error naming the keys, unless
+    ``--retrain`` (then its folder is cleared and the fold trains from scratch).
+    """
+    todo = []
+    for fold in folds:
+        run_dir = fold_dir(args.out, recipe.name, fold)
+        complete = is_complete(run_dir)
+        recorded = complete or (args.resume and (run_dir / "config.yaml").is_file())
+        differs = recipe_differences(run_dir, recipe, root_path, folds_digest) if recorded else []
+        if args.predict_only:  # predicting again with other TTA or store settings is what it is for
+            differs = [k for k in differs if not k.startswith(("tta.", "oof."))]
+        if differs and not args.retrain:
+            state = "finished" if complete else "started"
+            raise ConfigError(
+                f"{run_dir}: {state} under a different recipe ({describe_difference(run_dir, recipe, differs)}); "
+                f"use another experiment name or --out, or --retrain to train it again")
+        if differs:
+            todo.append(fold)
+        elif complete and not args.predict_only:
+            print(f"{recipe.name} fold {fold}: complete, skipped ({run_dir / 'manifest.json'})")
+        else:
+            todo.append(fold)
+    return todo
+
+
 def run_experiment(name: str, base: dict[str, Any], args: argparse.Namespace) -> None:
+    if args.retrain and args.predict_only:
+        raise ConfigError("--retrain and --predict-only exclude each other: one trains again, the other does not train")
+    recipe = validate_recipe(resolve_recipe(name, base, args))
+    folds = parse_folds(args.fold, recipe.data.k_folds)
+    # The training stack is imported only once the command line and the recipe are known to be good.
+    from kfold.data.layout import open_root
+    from kfold.distributed import barrier, cleanup, setup_distributed
+    from kfold.splits import ensure_folds, folds_sha256, read_folds
+
     dist = setup_distributed()
-    recipe = resolve_recipe(name, base, args)
     if recipe.model.encoder_weights is None and args.preset == "full" and not args.weights_path:
         warnings.warn("model.encoder_weights is null: the encoder starts from random weights", stacklevel=1)
     if args.preset == "full" and dist.device.type == "cpu" and not args.config:
@@ -162,13 +173,15 @@ def run_experiment(name: str, base: dict[str, Any], args: argparse.Namespace) ->
         ensure_folds(root, recipe.data.k_folds, recipe.data.fold_seed)
     barrier()
     fold_of = read_folds(root)
-    for fold in parse_folds(args.fold, recipe.data.k_folds):
-        run_dir = Path(args.out) / name / f"fold{fold}"
-        if fold_complete(run_dir) and not args.predict_only:
-            print(f"{name} fold {fold}: complete, skipped ({run_dir / 'manifest.json'})")
-            continue
+    for fold in folds_to_run(recipe, folds, args, root.path, folds_sha256(root)):
+        run_dir = fold_dir(args.out, name, fold)
+        if args.retrain and dist.is_main and (run_dir / "config.yaml").is_file() and recipe_differences(
+                run_dir, recipe, root.path, folds_sha256(root)):
+            clear_fold(run_dir)
+            print(f"{name} fold {fold}: cleared for --retrain")
+        barrier()
         run_fold(recipe, root, fold, fold_of, args, dist)
-    if dist.is_main and all(fold_complete(Path(args.out) / name / f"fold{k}") for k in range(recipe.data.k_folds)):
+    if dist.is_main and all(is_complete(fold_dir(args.out, name, k)) for k in range(recipe.data.k_folds)):
         from kfold.report import experiment_report
 
         experiment_report(Path(args.out), name, root)
@@ -188,18 +201,5 @@ def main(name: str, base: dict[str, Any], argv: list[str] | None = None) -> int:
         # Background jobs of a non-interactive shell (make demo trains two at once) start with SIGINT
         # ignored; without this, Ctrl-C in the terminal would leave them training.
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        run_experiment(name, base, args)
-    except KeyboardInterrupt:
-        print("interrupted: finished folds are kept; run again with --resume to continue", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, FloatingPointError, OSError) as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if torch.cuda.is_available():  # pragma: no cover - GPU only
-    torch.backends.cudnn.benchmark = True
+    return run_entry_point(lambda: run_experiment(name, base, args), args.debug,
+                           interrupted="interrupted: finished folds are kept; run again with --resume to continue")

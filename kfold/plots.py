@@ -12,8 +12,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from foldwise.io import atomic_path  # noqa: E402
 from kfold.data.layout import IGNORE_INDEX, DataRoot, read_depth, read_label, read_rgb  # noqa: E402
-from kfold.io import atomic_path  # noqa: E402
 from kfold.oof import ExperimentStore, full_res_argmax  # noqa: E402
 
 

@@ -24,11 +24,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from foldwise.io import atomic_path, save_npy, write_json, write_text
 from kfold.config import Recipe
 from kfold.data.dataset import SegmentationDataset
 from kfold.data.layout import DataRoot
 from kfold.data.transforms import eval_transform
-from kfold.io import atomic_path, save_npy, write_json, write_text
 from kfold.metrics import DepthMeter, confusion_matrix_torch, iou_per_class, mean_iou, pixel_accuracy
 from kfold.oof import MANIFEST, STORE_DTYPE, full_res_argmax
 from kfold.splits import folds_sha256 as root_folds_sha256

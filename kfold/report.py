@@ -9,7 +9,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
@@ -21,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from kfold.data.layout import DataError, DataRoot
-from kfold.io import write_json, write_text
+from foldwise.cli import ArgumentParser, run_entry_point
+from foldwise.io import write_json, write_text
+from kfold.data.layout import DataRoot
 from kfold.metrics import mean_iou, pixel_accuracy
 from kfold.oof import ExperimentStore, StoreError, list_experiments, open_experiment, resolve_root, score_experiment
 from kfold.plots import plot_qualitative, save_figure
@@ -206,24 +206,24 @@ def experiment_report(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kfold.report", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m kfold.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="experiments (default: every one under --runs)")
     parser.add_argument("--runs", type=Path, default=Path("runs"))
     parser.add_argument("--data-root", type=Path, default=None, help="default: the root the folds recorded")
     parser.add_argument("--chunk", type=int, default=64)
     args = parser.parse_args(argv)
-    names = args.names or list_experiments(args.runs)
-    if not names:
-        print(f"error: no experiments under {args.runs}", file=sys.stderr)
-        return 2
-    for name in names:
-        try:
+
+    def body() -> None:
+        if args.chunk < 1:
+            raise ValueError(f"--chunk {args.chunk}: must be at least 1")
+        names = args.names or list_experiments(args.runs)
+        if not names:
+            raise FileNotFoundError(f"{args.runs}: no experiments found")
+        for name in names:
             experiment_report(args.runs, name, args.data_root, args.chunk)
-        except (StoreError, DataError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        print()
-    return 0
+            print()
+
+    return run_entry_point(body, args.debug)
 
 
 if __name__ == "__main__":

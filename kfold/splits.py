@@ -10,7 +10,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import fcntl
 import hashlib
@@ -24,8 +23,9 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
+from foldwise.cli import ArgumentParser, run_entry_point
+from foldwise.io import write_text
 from kfold.data.layout import DataError, DataRoot, open_root, read_label
-from kfold.io import write_text
 
 FOLDS_FILE = "folds.csv"
 LOCK_FILE = ".folds.lock"
@@ -211,25 +211,23 @@ def fold_summary(root: DataRoot, folds: dict[str, int]) -> pd.DataFrame:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: write (or check) folds.csv and print per-fold counts and class pixel shares."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m kfold.splits", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", type=Path, required=True)
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
+        if args.k < 2:
+            raise ValueError(f"--k {args.k}: k-fold needs at least 2 folds")
         root = open_root(args.data_root)
         path = ensure_folds(root, k=args.k, seed=args.seed)
         summary = fold_summary(root, read_folds(root))
-    except (ValueError, OSError) as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    with pd.option_context("display.width", 200, "display.max_columns", 50):
-        print(summary.to_string())
-    print(f"{path}  sha256 {folds_sha256(root)}")
-    return 0
+        with pd.option_context("display.width", 200, "display.max_columns", 50):
+            print(summary.to_string())
+        print(f"{path}  sha256 {folds_sha256(root)}")
+
+    return run_entry_point(body, args.debug)
 
 
 if __name__ == "__main__":

@@ -1,55 +1,20 @@
-"""Helpers shared by the submissions modules: the error type, atomic writes and the mIoU.
+"""Helpers shared by the submissions modules: the error type and the numpy mIoU.
 
-``kfold`` has its own versions (``kfold.io``, ``kfold.metrics``), but the import flow is one-way
-(``ensemble -> kfold, submissions``) and ``submissions`` must stay free of torch and of the other
-packages, so the two small pieces it needs are repeated here.
+Atomic writes and the class list come from the torch-free leaf ``foldwise``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
-
 import numpy as np
 
-IGNORE_INDEX = 255
+from foldwise.classes import DEFAULT_CLASSES, IGNORE_INDEX
+from foldwise.io import atomic_path
 
-# Same list as kfold.data.layout.DEFAULT_CLASSES (repeated: submissions cannot import kfold).
-DEFAULT_CLASSES: tuple[str, ...] = (
-    "bed", "books", "ceiling", "chair", "floor", "furniture", "objects",
-    "picture", "sofa", "table", "tv", "wall", "window",
-)
-
+__all__ = ["DEFAULT_CLASSES", "IGNORE_INDEX", "SubmissionError", "atomic_path", "confusion_matrix", "iou_per_class",
+           "mean_iou", "pixel_accuracy"]
 
 class SubmissionError(ValueError):
     """A malformed submission, RLE string, label file or leaderboard; the message is one line."""
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` when the block succeeds.
-
-    The temporary file lives in the same folder so that ``os.replace`` is an atomic rename: a crash
-    never leaves a half-written file under the final name.
-
-    Args:
-        path: the final file name. Its folder is created when missing.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
 
 
 def confusion_matrix(target: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:

@@ -12,7 +12,6 @@ replaced atomically.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import fcntl
@@ -20,7 +19,6 @@ import json
 import math
 import os
 import sys
-import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from foldwise.cli import ArgumentParser, run_entry_point
 from submissions.common import SubmissionError, atomic_path
 
 DEFAULT_PATH = Path(__file__).resolve().parent / "leaderboard.csv"
@@ -190,45 +189,37 @@ def sync_experiment_rows(runs_dir: str | os.PathLike, path: str | os.PathLike = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m submissions.leaderboard", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument(
-        "--path", type=Path, default=DEFAULT_PATH, help=f"leaderboard CSV (default {DEFAULT_PATH})"
-    )
+    parser = ArgumentParser(prog="python -m submissions.leaderboard", description=__doc__.splitlines()[0])
+    parser.add_argument("--path", type=Path, default=DEFAULT_PATH, help=f"leaderboard CSV (default {DEFAULT_PATH})")
     parser.add_argument("--record-lb", nargs=2, metavar=("NAME", "SCORE"), help="store a public LB score")
     parser.add_argument("--all", action="store_true", help="print every column (per-class IoU included)")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"),
                         help="pick up experiment reports from here first (default runs)")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    try:
-        if args.record_lb:
-            name, text = args.record_lb
-            try:
-                score = float(text)
-            except ValueError:
-                raise SubmissionError(f"--record-lb {name}: score {text!r} is not a number") from None
-            record_public_lb(name, score, args.path)
-            print(f"{args.path}: {name} public_lb = {score}")
-            return 0
-        sync_experiment_rows(args.runs_dir, args.path)
-        df = read_leaderboard(args.path)
-    except (SubmissionError, OSError) as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    return run_entry_point(lambda: _record_or_print(args), args.debug)
+
+
+def _record_or_print(args) -> None:
+    if args.record_lb:
+        name, text = args.record_lb
+        try:
+            score = float(text)
+        except ValueError:
+            raise SubmissionError(f"--record-lb {name}: score {text!r} is not a number") from None
+        record_public_lb(name, score, args.path)
+        print(f"{args.path}: {name} public_lb = {score}")
+        return
+    sync_experiment_rows(args.runs_dir, args.path)
+    df = read_leaderboard(args.path)
     if df.empty:
         print(f"{args.path}: empty leaderboard")
-        return 0
+        return
     df = ranked(df)
     if not args.all:
         df = df[list(SHORT)]
     options = ("display.width", 200, "display.max_columns", None, "display.float_format", "{:.4f}".format)
     with pd.option_context(*options):
         print(df.to_string(index=False))
-    return 0
 
 
 if __name__ == "__main__":

@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from foldwise.cli import ArgumentParser, run_entry_point
 from submissions.common import (
     DEFAULT_CLASSES,
     IGNORE_INDEX,
@@ -135,27 +135,22 @@ def format_scores(scores: dict, names: tuple[str, ...]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m submissions.score", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m submissions.score", description=__doc__.splitlines()[0])
     parser.add_argument("submission", type=Path, help="submission CSV")
     parser.add_argument("--labels", type=Path, required=True, help="folder of label PNGs <id>.png")
     parser.add_argument("--order", choices=("C", "F"), default="C", help="RLE pixel order (default C)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--num-classes", type=int, default=None, help="number of classes (default 13)")
     group.add_argument("--classes", type=Path, default=None, help="classes.txt, one name per line")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         names = _class_names(args)
         if len(names) < 1:
             raise SubmissionError(f"--num-classes must be >= 1, got {args.num_classes}")
-        scores = score_submission(args.submission, args.labels, len(names), args.order)
-    except (SubmissionError, OSError) as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    print(format_scores(scores, names))
-    return 0
+        print(format_scores(score_submission(args.submission, args.labels, len(names), args.order), names))
+
+    return run_entry_point(body, args.debug)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from ensemble.blend import main
+from foldwise.io import save_npy, write_json, write_text
 from kfold.data.layout import open_root, read_label
 from kfold.data.synthetic import generate
-from kfold.io import save_npy, write_json, write_text
 from kfold.metrics import confusion_matrix, mean_iou
 from kfold.predict import store_manifest
 from kfold.splits import ensure_folds, folds_sha256, read_folds

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from foldwise.io import write_png
 from kfold.data.dataset import IMAGENET_MEAN, IMAGENET_STD, SegmentationDataset, inverse_depth
 from kfold.data.layout import DataError, DataRoot, open_root
 from kfold.data.transforms import eval_transform, train_transform
-from kfold.io import write_png
 
 H, W = 48, 64
 NUM_CLASSES = 13

@@ -29,11 +29,11 @@ from safetensors.torch import load_file
 
 from ensemble.blend import main as blend_main
 from kfold.checkpoint import load_checkpoint
-from kfold.cli import fold_complete
 from kfold.cli import main as cli_main
 from kfold.losses import SegDepthLoss
 from kfold.models import read_state_dict
 from kfold.oof import StoreError, open_experiment
+from kfold.rundir import is_complete as fold_complete
 from submissions.validate import read_submission
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def sha(path: Path) -> str:
 
 
 def temporaries(folder: Path, name: str) -> list[Path]:
-    """Hidden ``.<name>.*.tmp`` files that kfold.io / submissions.common leave when killed mid-write."""
+    """Hidden ``.<name>.*.tmp`` files that foldwise.io / submissions.common leave when killed mid-write."""
     return sorted(folder.glob(f".{name}.*.tmp"))
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from foldwise.io import write_png, write_text
 from kfold.data.layout import (
     DEFAULT_CLASSES,
     DataError,
@@ -18,7 +19,6 @@ from kfold.data.layout import (
     read_label,
     read_rgb,
 )
-from kfold.io import write_png, write_text
 
 H, W = 48, 64
 TRAIN = [f"r{i // 2:04d}_v{i % 2}" for i in range(6)]

@@ -60,7 +60,7 @@ def write_mat(path: Path, rgb, depth, labels, scenes, drop: str | None = None) -
 def meta(tmp_path: Path) -> Path:
     folder = tmp_path / "meta"
     folder.mkdir()
-    shutil.copy(nyuv2.find_meta_dir() / nyuv2.MAP_FILE, folder / nyuv2.MAP_FILE)
+    shutil.copy(nyuv2.META_DIR / nyuv2.MAP_FILE, folder / nyuv2.MAP_FILE)
     (folder / nyuv2.TRAIN_INDEX_FILE).write_text("1\n3\n4\n6\n")
     (folder / nyuv2.TEST_INDEX_FILE).write_text("2\n5\n")
     return folder
@@ -79,7 +79,8 @@ def mat(tmp_path: Path, frames) -> Path:
 
 def test_standard_split(tmp_path: Path, mat: Path, meta: Path, frames) -> None:
     rgb, _, depth_mm, labels = frames
-    out = nyuv2.main([str(mat), "--out", str(tmp_path / "nyu"), "--meta", str(meta)])
+    out = tmp_path / "nyu"
+    assert nyuv2.main([str(mat), "--out", str(out), "--meta", str(meta)]) == 0
     root = open_root(out)
     assert root.train_ids == ("0001", "0003", "0004", "0006")
     assert root.test_ids == ("0002", "0005")
@@ -113,7 +114,7 @@ def test_all_train(tmp_path: Path, mat: Path, meta: Path) -> None:
 
 
 def test_real_mapping_file() -> None:
-    path = nyuv2.find_meta_dir() / nyuv2.MAP_FILE
+    path = nyuv2.META_DIR / nyuv2.MAP_FILE
     raw = np.loadtxt(path, dtype=np.int64)
     assert raw.shape == (895,) and raw.min() == 0 and raw.max() == 13
     assert set(range(14)) == set(raw.tolist())
@@ -164,15 +165,11 @@ def test_bad_meta_and_out(tmp_path: Path, mat: Path, meta: Path) -> None:
         nyuv2.import_nyuv2(mat, used, meta=meta, progress=False)
 
 
-def test_find_meta_dir(tmp_path: Path) -> None:
-    fake = tmp_path / "shared" / "data" / "nyuv2"
-    fake.mkdir(parents=True)
-    (fake / nyuv2.MAP_FILE).write_text("0\n")
-    repo_pkg = tmp_path / "repo" / "kfold" / "data"
-    repo_pkg.mkdir(parents=True)
-    assert nyuv2.find_meta_dir(repo_pkg) == fake.resolve()
-    lonely = tmp_path / "elsewhere"
-    lonely.mkdir()
-    if not any((p / "shared/data/nyuv2" / nyuv2.MAP_FILE).is_file() for p in lonely.resolve().parents):
-        with pytest.raises(DataError, match="pass --meta DIR"):
-            nyuv2.find_meta_dir(lonely)
+def test_meta_files_ship_inside_the_package() -> None:
+    """The importer needs nothing outside the repository: the mapping and split files are package data."""
+    repo = Path(__file__).resolve().parents[1]
+    assert nyuv2.META_DIR.is_relative_to(repo / "kfold")
+    assert len(nyuv2.read_label_map(nyuv2.META_DIR / nyuv2.MAP_FILE)) == 895
+    assert len(nyuv2.read_frame_index(nyuv2.META_DIR / nyuv2.TRAIN_INDEX_FILE, 1449)) == 795
+    assert len(nyuv2.read_frame_index(nyuv2.META_DIR / nyuv2.TEST_INDEX_FILE, 1449)) == 654
+    assert "shared" not in nyuv2.META_DIR.relative_to(repo).parts

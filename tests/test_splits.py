@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from foldwise.io import write_png, write_text
 from kfold import splits
 from kfold.data.layout import DataError, DataRoot, open_root
-from kfold.io import write_png, write_text
 
 H, W = 48, 64
 TV, BOOKS, FLOOR, WALL, FURNITURE = 10, 1, 4, 11, 5

@@ -132,5 +132,5 @@ def test_cli_prints_class_shares(tmp_path, capsys):
 def test_bad_settings_are_clear_errors(tmp_path):
     with pytest.raises(SystemExit):
         synthetic.main(["--out", str(tmp_path / "x"), "--size", "48by64"])
-    with pytest.raises(ValueError, match="train=0"):
+    with pytest.raises(ValueError, match="--train 0: must be at least 1"):
         synthetic.generate(tmp_path / "y", 0, 1, SIZE, seed=0)

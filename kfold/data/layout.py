@@ -16,11 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile
 
-DEFAULT_CLASSES: tuple[str, ...] = (
-    "bed", "books", "ceiling", "chair", "floor", "furniture", "objects",
-    "picture", "sofa", "table", "tv", "wall", "window",
-)  # fmt: skip
-IGNORE_INDEX = 255
+from foldwise.classes import DEFAULT_CLASSES, IGNORE_INDEX
+
 SPLITS = ("train", "test")
 
 _DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I")  # how Pillow opens a 16-bit greyscale PNG

@@ -11,7 +11,7 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,7 +20,8 @@ import numpy as np
 from tqdm import tqdm
 
 from kfold.data.layout import IGNORE_INDEX, DataError
-from kfold.io import write_png, write_text
+from foldwise.cli import ArgumentParser, run_entry_point
+from foldwise.io import staged_folder, write_png, write_text
 
 MAP_FILE = "map894_to_13.txt"
 TRAIN_INDEX_FILE = "train_idx.txt"
@@ -29,24 +30,8 @@ NUM_CLASSES_13 = 13
 SPLITS = ("standard", "all-train")
 
 
-def find_meta_dir(start: Path | None = None) -> Path:
-    """Locate ``shared/data/nyuv2`` (mapping and split files) by searching upwards from ``start``.
-
-    The repository is a sibling of ``shared/`` (or holds a copy of it), so every ancestor ``a`` of the
-    package is tried as ``a/shared/data/nyuv2``.
-
-    Args:
-        start: folder to start from; defaults to this module's folder.
-    """
-    start = (start or Path(__file__)).resolve()
-    for ancestor in [start, *start.parents]:
-        candidate = ancestor / "shared" / "data" / "nyuv2"
-        if (candidate / MAP_FILE).is_file():
-            return candidate
-    raise DataError(
-        f"{start}: no shared/data/nyuv2/{MAP_FILE} found in any parent folder; pass --meta DIR "
-        f"(a folder holding {MAP_FILE}, {TRAIN_INDEX_FILE} and {TEST_INDEX_FILE})"
-    )
+# The mapping and split files ship with the package (facts, not code: see nyuv2_meta/README.md).
+META_DIR = Path(__file__).resolve().parent / "nyuv2_meta"
 
 
 def _read_ints(path: Path) -> np.ndarray:
@@ -150,7 +135,7 @@ def convert_frame(f: h5py.File, i: int, lut: np.ndarray, mat_path: Path):
 
 
 def import_nyuv2(mat_path: str | Path, out: str | Path, split: str = "standard",
-                 meta: str | Path | None = None, progress: bool = True) -> Path:
+                 meta: str | Path | None = None, progress: bool | None = None) -> Path:
     """Convert ``nyu_depth_v2_labeled.mat`` into the dataset layout under ``out``.
 
     Args:
@@ -159,8 +144,8 @@ def import_nyuv2(mat_path: str | Path, out: str | Path, split: str = "standard",
         split: ``"standard"`` (795 train / 654 test frames; test labels kept in ``test_labels/``)
             or ``"all-train"`` (every frame in ``train/``).
         meta: folder with ``map894_to_13.txt``, ``train_idx.txt``, ``test_idx.txt``;
-            found by :func:`find_meta_dir` when None.
-        progress: show a tqdm bar.
+            the copy shipped in the package (``kfold/data/nyuv2_meta``) when None.
+        progress: show a tqdm bar; default: only when stderr is a terminal.
 
     Returns:
         The dataset root ``out``.
@@ -168,9 +153,11 @@ def import_nyuv2(mat_path: str | Path, out: str | Path, split: str = "standard",
     mat_path, out = Path(mat_path), Path(out)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    meta_dir = Path(meta) if meta is not None else find_meta_dir()
+    meta_dir = Path(meta) if meta is not None else META_DIR
+    if not meta_dir.is_dir():
+        raise DataError(f"{meta_dir}: --meta folder not found")
     lut = read_label_map(meta_dir / MAP_FILE)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: output folder is not empty; choose a new --out")
     if not mat_path.is_file():
         raise DataError(f"{mat_path}: file not found")
@@ -189,30 +176,37 @@ def import_nyuv2(mat_path: str | Path, out: str | Path, split: str = "standard",
         else:
             train, test = list(range(1, n + 1)), []
         jobs = [("train", k) for k in train] + [("test", k) for k in test]
-        for part, frame in tqdm(jobs, desc="nyuv2", unit="frame", disable=not progress):
-            rgb, depth, label = convert_frame(f, frame - 1, lut, mat_path)
-            name = f"{frame_id(frame)}.png"
-            write_png(out / part / "images" / name, rgb)
-            write_png(out / part / "depths" / name, depth)
-            write_png(out / ("train/labels" if part == "train" else "test_labels") / name, label)
-    rows = sorted((frame_id(k), scenes[k - 1]) for k in train + test)
-    write_text(out / "scenes.csv", "id,scene\n" + "".join(f"{i},{s}\n" for i, s in rows))
+        # One that fails half-way (a bad frame, Ctrl-C, a full disk) leaves nothing that looks like a root.
+        quiet = not sys.stderr.isatty() if progress is None else not progress
+        with staged_folder(out) as staging:
+            for part, frame in tqdm(jobs, desc="nyuv2", unit="frame", disable=quiet):
+                rgb, depth, label = convert_frame(f, frame - 1, lut, mat_path)
+                name = f"{frame_id(frame)}.png"
+                write_png(staging / part / "images" / name, rgb)
+                write_png(staging / part / "depths" / name, depth)
+                write_png(staging / ("train/labels" if part == "train" else "test_labels") / name, label)
+            rows = sorted((frame_id(k), scenes[k - 1]) for k in train + test)
+            write_text(staging / "scenes.csv", "id,scene\n" + "".join(f"{i},{s}\n" for i, s in rows))
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
+def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m kfold.data.nyuv2", description=__doc__.split("\n\n")[0])
     parser.add_argument("mat", type=Path, help="nyu_depth_v2_labeled.mat")
-    parser.add_argument("--out", type=Path, required=True, help="dataset root to create")
+    parser.add_argument("--out", type=Path, required=True, help="dataset root to create (new or empty)")
     parser.add_argument("--split", choices=SPLITS, default="standard")
     parser.add_argument("--meta", type=Path, default=None,
-                        help=f"folder with {MAP_FILE} and the split files (default: shared/data/nyuv2)")
+                        help=f"folder with {MAP_FILE} and the split files (default: the copy shipped in "
+                             f"kfold/data/{META_DIR.name})")
     args = parser.parse_args(argv)
-    root = import_nyuv2(args.mat, args.out, split=args.split, meta=args.meta)
-    print(f"wrote {root}")
-    return root
+
+    def body() -> None:
+        root = import_nyuv2(args.mat, args.out, split=args.split, meta=args.meta)
+        print(f"wrote {root}")
+
+    return run_entry_point(body, args.debug)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

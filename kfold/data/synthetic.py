@@ -26,7 +26,8 @@ from tqdm import tqdm
 from kfold.data.layout import DEFAULT_CLASSES, IGNORE_INDEX
 from kfold.data.render import render_view
 from kfold.data.rooms import build_room
-from kfold.io import atomic_path, write_text
+from foldwise.cli import ArgumentParser, run_entry_point
+from foldwise.io import atomic_path, staged_folder, write_text
 
 __all__ = ["build_room", "generate", "main", "render_view"]
 
@@ -76,7 +77,7 @@ def generate(
     """Write a synthetic dataset root in the contract layout and return its path.
 
     Args:
-        out: root folder; files of the same name are overwritten.
+        out: root folder to create (new or empty; written through a staging folder).
         n_train / n_test: number of train and test images (test labels go to ``test_labels/``).
         size: (H, W) of every image.
         seed: the same seed gives byte-identical files (each room has its own ``[seed, room]`` generator).
@@ -89,9 +90,16 @@ def generate(
 
 def _generate(out: Path, n_train, n_test, size, seed, views_per_room, progress) -> np.ndarray:
     """:func:`generate`; returns the label histogram (256 bins, train and test) of what it wrote."""
-    if n_train < 1 or n_test < 0 or views_per_room < 1 or min(size) < 8:
-        raise ValueError(f"bad synthetic settings: train={n_train} test={n_test} size={size} "
-                         f"views_per_room={views_per_room}")  # fmt: skip
+    for name, value, least in (("train", n_train, 1), ("test", n_test, 0), ("views-per-room", views_per_room, 1)):
+        if value < least:
+            raise ValueError(f"--{name} {value}: must be at least {least}")
+    if min(size) < 8:
+        raise ValueError(f"--size {size[0]}x{size[1]}: both sides must be at least 8 pixels")
+    with staged_folder(out) as staging:
+        return _write_rooms(staging, n_train, n_test, size, seed, views_per_room, progress)
+
+
+def _write_rooms(out: Path, n_train, n_test, size, seed, views_per_room, progress) -> np.ndarray:
     counts = np.zeros(256, np.int64)
     rows = ["id,scene"]
     disable = not sys.stderr.isatty() if progress is None else not progress
@@ -143,16 +151,20 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """Command line: write the dataset, then print the pixel share of every class."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser = ArgumentParser(prog="python -m kfold.data.synthetic", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="dataset root to create (new or empty)")
     parser.add_argument("--train", type=int, default=400)
     parser.add_argument("--test", type=int, default=100)
     parser.add_argument("--size", type=_size, default=(240, 320))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--views-per-room", type=int, default=4)
     args = parser.parse_args(argv)
+    return run_entry_point(lambda: _write_and_report(args), args.debug)
+
+
+def _write_and_report(args) -> None:
     _reuse_freed_memory()
     start = time.perf_counter()
     counts = _generate(args.out, args.train, args.test, args.size, args.seed, args.views_per_room, None)
@@ -168,4 +180,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

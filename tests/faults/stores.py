@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from foldwise.io import save_npy, write_json, write_text
 from kfold.data.layout import open_root, read_label
-from kfold.io import save_npy, write_json, write_text
 from kfold.predict import store_manifest
 from kfold.splits import folds_sha256, read_folds
 

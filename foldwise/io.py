@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,3 +73,28 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     """Save ``array`` as ``.npy`` atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
+
+
+@contextlib.contextmanager
+def staged_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield a hidden staging folder that is renamed onto ``out`` when the block succeeds.
+
+    For writers of whole folders (a dataset root): one that fails half-way leaves nothing that looks
+    complete under ``out``; the staging folder is removed.
+
+    Args:
+        out: a folder that does not exist yet or is empty.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out}: output folder exists and is not empty; choose a new --out")
+    staging = out.parent / f".{out.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed run of ours; never read
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,60 @@
+"""What every entry point shares: bad input becomes one ``error: ...`` line and exit code 2.
+
+``--debug`` prints the traceback first. Argument errors are one line too (argparse prints its usage
+block first; here the usage is one ``--help`` away).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Callable
+
+# Errors that mean "bad input" (a file, key or value): their message names it and is shown as is.
+INPUT_ERRORS = (ValueError, OSError, LookupError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` with ``--debug`` and one-line errors (exit code 2)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (tracebacks of nested tools can carry newlines)."""
+    text = " ".join(str(err).split())
+    if isinstance(err, INPUT_ERRORS) or not text:
+        return text or type(err).__name__
+    return f"{type(err).__name__}: {text} (run with --debug for the traceback)"
+
+
+def run_entry_point(body: Callable[[], int | None], debug: bool, interrupted: str = "interrupted") -> int:
+    """Run ``body`` and turn its exceptions into one ``error:`` line and an exit code.
+
+    Args:
+        body: the command's work; returns an exit code (None = 0).
+        debug: print the traceback before the error line.
+        interrupted: the line printed on Ctrl-C (say how to go on).
+
+    Returns:
+        ``body``'s code, 2 for an error, 130 for Ctrl-C.
+    """
+    try:
+        return body() or 0
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print(interrupted, file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2

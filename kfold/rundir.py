@@ -1,0 +1,124 @@
+"""The run folder of one experiment and fold (``runs/<experiment>/fold<k>/``): its record and its state.
+
+``config.yaml`` records the resolved recipe a fold was trained with; :func:`recipe_differences` compares it
+with the recipe of a new launch so that a finished fold is never silently reused under another recipe.
+Torch-free: the launcher and ``kfold.status`` read run folders without the training stack.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import shutil
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from foldwise.io import write_text
+from kfold.config import Recipe, to_dict
+
+MANIFEST = "manifest.json"
+CONFIG = "config.yaml"
+# Keys that cannot change what a fold learns or predicts: where and how fast the data is read, how many
+# images go through the model at once. A finished fold launched again with other values is still reused.
+RESULT_NEUTRAL_KEYS = ("name", "data.root", "data.num_workers", "oof.batch_size", "tta.max_batch")
+
+
+def fold_dir(out: str | Path, experiment: str, fold: int) -> Path:
+    """``<out>/<experiment>/fold<fold>``."""
+    return Path(out) / experiment / f"fold{fold}"
+
+
+def is_complete(run_dir: str | Path) -> bool:
+    """Whether the fold's ``manifest.json`` says complete (written last: every other file is whole)."""
+    try:
+        return json.loads((Path(run_dir) / MANIFEST).read_text()).get("status") == "complete"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def write_config(run_dir: Path, recipe: Recipe, data_root: Path, fold: int, folds_sha256: str) -> None:
+    """``config.yaml``: the resolved recipe plus what is needed to trust and repeat the run."""
+    packages = ["torch", "segmentation-models-pytorch", "timm", "albumentations", "numpy"]
+    info = {"experiment": recipe.name, "fold": fold, "data_root": str(Path(data_root).resolve()),
+            "folds_sha256": folds_sha256, "git_commit": git_commit(), "command": sys.argv,
+            "created": datetime.datetime.now().isoformat(timespec="seconds"),
+            "versions": {"python": platform.python_version(), **{p: _version(p) for p in packages}},
+            "recipe": to_dict(recipe)}
+    write_text(run_dir / CONFIG, yaml.safe_dump(info, sort_keys=False))
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "class_weights":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def recipe_differences(run_dir: Path, recipe: Recipe, data_root: Path | None = None,
+                       folds_sha256: str | None = None) -> list[str]:
+    """Keys whose value in the fold's ``config.yaml`` differs from ``recipe`` (result-neutral keys skipped).
+
+    Args:
+        run_dir: the fold's folder.
+        recipe: the recipe of the new launch.
+        data_root: compared with the recorded root when given (``data root`` is reported).
+        folds_sha256: compared with the recorded ``folds.csv`` digest when given (``folds.csv``).
+
+    Returns:
+        Sorted dotted keys; ``["config.yaml"]`` when the record is missing or unreadable.
+    """
+    try:
+        record = yaml.safe_load((run_dir / CONFIG).read_text())
+        old = _flatten(record["recipe"])
+    except (OSError, yaml.YAMLError, TypeError, KeyError):
+        return [CONFIG]
+    new = _flatten(to_dict(recipe))
+    keys = sorted(k for k in set(old) | set(new) if k not in RESULT_NEUTRAL_KEYS and old.get(k) != new.get(k))
+    if data_root is not None and record.get("data_root") != str(Path(data_root).resolve()):
+        keys.append("data root")
+    if folds_sha256 is not None and record.get("folds_sha256") != folds_sha256:
+        keys.append("folds.csv")
+    return keys
+
+
+def describe_difference(run_dir: Path, recipe: Recipe, keys: list[str]) -> str:
+    """``optim.lr 0.0001 -> 0.0003`` for the first few differing keys."""
+    try:
+        old = _flatten(yaml.safe_load((run_dir / CONFIG).read_text())["recipe"])
+    except (OSError, yaml.YAMLError, TypeError, KeyError):
+        old = {}
+    new = _flatten(to_dict(recipe))
+    parts = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" if k in new else k for k in keys[:4]]
+    return ", ".join(parts) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+
+
+def clear_fold(run_dir: Path) -> None:
+    """Remove a fold's results for ``--retrain``: the manifest first, so nothing looks complete meanwhile."""
+    (run_dir / MANIFEST).unlink(missing_ok=True)
+    if run_dir.is_dir():
+        shutil.rmtree(run_dir)

@@ -1,0 +1,140 @@
+"""Fail-fast checks of a resolved recipe: every range and relation, before any data is read or model built.
+
+A bad value found hours into a GPU run (or never: a negative batch size that trains with batch 1) costs far
+more than a check here. Types are already checked by :mod:`kfold.config`; this module checks values and
+names the key. It imports nothing heavy, so a bad ``--opts`` value is answered before torch is imported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from kfold.config import ConfigError, Recipe
+
+# The names each choice key accepts; the modules that act on them (models, losses, train) use the same lists.
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "data.in_channels": (3, 4),
+    "model.arch": ("fpn", "deeplabv3plus"),
+    "loss.depth_loss": ("l1", "berhu", "none"),
+    "loss.weighting": ("fixed", "kendall"),
+    "optim.name": ("adamw", "sgd"),
+    "train.amp": ("auto", "bf16", "fp16", "off"),
+    "train.select": ("last", "best"),
+}
+
+
+def _at_least(low: float) -> Callable[[float], str | None]:
+    return lambda v: None if v >= low else f"must be >= {low}"
+
+
+def _above(low: float) -> Callable[[float], str | None]:
+    return lambda v: None if v > low else f"must be > {low}"
+
+
+def _within(low: float, high: float, *, open_high: bool = False, open_low: bool = False) -> Callable:
+    def check(v: float) -> str | None:
+        ok_low = v > low if open_low else v >= low
+        ok_high = v < high if open_high else v <= high
+        left, right = "(" if open_low else "[", ")" if open_high else "]"
+        return None if ok_low and ok_high else f"must be in {left}{low}, {high}{right}"
+
+    return check
+
+
+# key -> check of one value (applied to every item of a tuple); None values of optional keys are skipped.
+RANGES: dict[str, Callable[[Any], str | None]] = {
+    "data.input_size": _at_least(1),
+    "data.crop_size": _at_least(1),
+    "data.hflip": _within(0, 1),
+    "data.scale_limit": _within(0, 1, open_high=True),
+    "data.rotate_limit": _within(0, 180),
+    "data.color_jitter": _within(0, 1),
+    "data.num_workers": _at_least(0),
+    "data.k_folds": _at_least(2),
+    "model.decoder_channels": _at_least(1),
+    "loss.boundary_weight": _above(0),
+    "loss.boundary_width": _at_least(1),
+    "loss.ohem_fraction": _within(0, 1, open_low=True),
+    "loss.depth_weight": _at_least(0),
+    "loss.smoothness_weight": _at_least(0),
+    "optim.lr": _above(0),
+    "optim.weight_decay": _at_least(0),
+    "optim.momentum": _within(0, 1, open_high=True),
+    "optim.encoder_lr_scale": _at_least(0),
+    "optim.freeze_encoder_epochs": _at_least(0),
+    "optim.grad_clip": _above(0),
+    "schedule.epochs": _at_least(1),
+    "schedule.warmup_epochs": _at_least(0),
+    "schedule.warmup_lr_ratio": _within(0, 1, open_low=True),
+    "schedule.min_lr_ratio": _within(0, 1),
+    "train.batch_size": _at_least(1),
+    "train.ema_decay": _within(0, 1, open_high=True),
+    "train.seed": _at_least(0),
+    "train.max_steps_per_epoch": _at_least(1),
+    "tta.scales": _above(0),
+    "tta.temperatures": _above(0),
+    "tta.temperature": _above(0),
+    "tta.max_batch": _at_least(1),
+    "tta.stride": _at_least(1),
+    "oof.scale": _within(0, 1, open_low=True),
+    "oof.batch_size": _at_least(1),
+}
+
+
+def get_key(recipe: Recipe, key: str) -> Any:
+    """The value of a dotted key such as ``optim.lr``."""
+    value: Any = recipe
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _check_value(key: str, value: Any, check: Callable[[Any], str | None]) -> None:
+    for item in value if isinstance(value, tuple) else (value,):
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        problem = check(item)
+        if problem:
+            raise ConfigError(f"{key}: {problem}, got {value!r}")
+
+
+def _check_relations(recipe: Recipe) -> None:
+    data, loss = recipe.data, recipe.loss
+    if any(c > i for c, i in zip(data.crop_size, data.input_size)):
+        raise ConfigError(f"data.crop_size: {list(data.crop_size)} must fit inside data.input_size "
+                          f"{list(data.input_size)}")
+    if recipe.model.arch == "fpn" and recipe.model.decoder_channels % 64:
+        # smp's FPN segmentation branch (half the width) uses GroupNorm with 32 groups.
+        raise ConfigError(f"model.decoder_channels: FPN needs a multiple of 64, got {recipe.model.decoder_channels}")
+    if not recipe.model.encoder.strip():
+        raise ConfigError("model.encoder: must name an encoder, got an empty string")
+    # No relation to schedule.epochs: the smoke preset shrinks epochs below a recipe's warm-up or freeze.
+    if loss.weighting == "kendall" and (loss.depth_loss == "none" or not recipe.model.depth_head):
+        raise ConfigError("loss.weighting: kendall balances two tasks and needs loss.depth_loss l1 or berhu "
+                          "with model.depth_head true")
+    if not recipe.tta.scales:
+        raise ConfigError("tta.scales: give at least one scale, e.g. [1.0]")
+    for name, weight in loss.class_weights.items():
+        _check_value(f"loss.class_weights.{name}", weight, _at_least(0))
+
+
+def validate_recipe(recipe: Recipe) -> Recipe:
+    """Check every value of ``recipe`` and the relations between keys; raise :class:`ConfigError` naming the key.
+
+    Args:
+        recipe: a fully resolved recipe (defaults, preset, experiment, flags, ``--opts``).
+
+    Returns:
+        The same recipe, for chaining.
+    """
+    for key, allowed in CHOICES.items():
+        if get_key(recipe, key) not in allowed:
+            raise ConfigError(f"{key}: {get_key(recipe, key)!r} is not one of {', '.join(map(str, allowed))}")
+    for key, check in RANGES.items():
+        value = get_key(recipe, key)
+        if value is not None:
+            _check_value(key, value, check)
+    _check_relations(recipe)
+    return recipe
