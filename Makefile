@@ -14,15 +14,15 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# The demo: synthetic rooms, two experiments x 5 folds (CPU-sized preset, one process per experiment,
-# one thread each: on 2 cores that beats two threads per process), the blend, the submission and its score.
-# The blend has per-class weights and also reports the global blend they started from.
-# Re-running it skips finished folds and resumes unfinished ones. Ctrl-C reaches the training processes
-# (kfold.cli re-enables SIGINT, which background jobs start with ignored): they stop with KeyboardInterrupt;
-# SIGTERM is passed on to the whole process group.
+# The demo: synthetic rooms, two experiments x 5 folds as submitit jobs (--launcher local --jobs 2: one
+# process and one CPU thread per fold; the two experiments' launchers run side by side, so the 2 cores stay
+# busy to the last fold), the status table, the blend (per-class weights; it also reports the global blend it
+# started from), the submission and its score.
+# Re-running it skips finished folds and resumes unfinished ones from last.pt. Ctrl-C reaches the launchers
+# (kfold.cli re-enables SIGINT, which background jobs start with ignored); they cancel their fold jobs.
 DEMO_DATA := data/synthetic
 DEMO_EXPERIMENTS := exp093_2 exp093_5
-DEMO_ARGS := --preset demo --data-root $(DEMO_DATA) --resume
+DEMO_ARGS := --preset demo --data-root $(DEMO_DATA) --launcher local --jobs 2
 # Different seeds give the two demo models different initial weights and augmentations, as separately
 # launched experiments would have; with one seed they differ only in the depth channel.
 DEMO_SEED_exp093_2 := 42
@@ -32,14 +32,15 @@ demo: $(STAMP)
 	@test -f $(DEMO_DATA)/scenes.csv || \
 	  $(PY) -m kfold.data.synthetic --out $(DEMO_DATA) --train 200 --test 50 --size 120x160 --seed 0
 	@mkdir -p runs
-	@echo "training $(DEMO_EXPERIMENTS) on 5 folds each, in parallel: one line per epoch below;"
-	@echo "logs in runs/<experiment>/fold<k>/train.log, warnings and errors in runs/<experiment>.stderr"
+	@echo "training $(DEMO_EXPERIMENTS) on 5 folds each as local submitit jobs, 2 per experiment at once;"
+	@echo "logs in runs/<experiment>/fold<k>/train.log and runs/<experiment>/jobs/, launcher errors in runs/<experiment>.stderr"
 	@set -o pipefail; \
 	trap 'echo "interrupted: run make demo again to finish"; wait; exit 130' INT; \
 	trap 'trap - TERM; kill -TERM 0' TERM; \
-	$(foreach exp,$(DEMO_EXPERIMENTS),(OMP_NUM_THREADS=1 $(PY) experiments/$(exp).py $(DEMO_ARGS) \
+	$(foreach exp,$(DEMO_EXPERIMENTS),($(PY) experiments/$(exp).py $(DEMO_ARGS) \
 	  --opts train.seed $(DEMO_SEED_$(exp)) 2>runs/$(exp).stderr | sed -u "s/^/[$(exp)] /") & ) \
 	failed=0; for job in $$(jobs -p); do wait $$job || failed=1; done; \
+	$(PY) -m kfold.status $(DEMO_EXPERIMENTS); \
 	if [ $$failed = 1 ]; then tail -n 3 runs/*.stderr; exit 1; fi
 	$(PY) ensemble/blend.py --runs $(DEMO_EXPERIMENTS) --per-class --name demo_blend
 

@@ -7,6 +7,7 @@ an out-of-range value are answered in well under a second.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import signal
 import sys
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from foldwise.cli import ArgumentParser, run_entry_point
 from kfold.config import ConfigError, Recipe, build_recipe, load_recipe, parse_opts, set_key
+from kfold.launch import add_launcher_args, check_launcher_args, launch
 from kfold.rundir import clear_fold, describe_difference, fold_dir, is_complete, recipe_differences, write_config
 from kfold.validate import validate_recipe
 
@@ -43,6 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="override recipe keys, e.g. optim.lr 3e-4")
     p.add_argument("--retrain", action="store_true",
                    help="retrain folds that finished (or started) under a different recipe, discarding their results")
+    add_launcher_args(p)
     return p.parse_args(argv)
 
 
@@ -152,15 +155,52 @@ def folds_to_run(recipe: Recipe, folds: list[int], args: argparse.Namespace, roo
     return todo
 
 
-def run_experiment(name: str, base: dict[str, Any], args: argparse.Namespace) -> None:
+def clear_for_retrain(recipe: Recipe, folds: list[int], args: argparse.Namespace, root_path: Path,
+                      folds_digest: str) -> None:
+    """``--retrain``: clear the folds recorded under a different recipe (manifest first)."""
+    for fold in folds:
+        run_dir = fold_dir(args.out, recipe.name, fold)
+        if (run_dir / "config.yaml").is_file() and recipe_differences(run_dir, recipe, root_path, folds_digest):
+            clear_fold(run_dir)
+            print(f"{recipe.name} fold {fold}: cleared for --retrain")
+
+
+def report_once(out: Path, name: str, root: DataRoot) -> None:
+    """Make the experiment report unless one newer than every fold's manifest exists; one process at a time.
+
+    Several fold jobs may finish together and each sees every fold complete: the lock and the check make
+    the report exactly once, by whichever gets there first.
+    """
+    from kfold.report import experiment_report
+
+    exp_dir = Path(out) / name
+    with open(exp_dir / ".report.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        marker = exp_dir / "leaderboard_row.json"
+        manifests = [p.stat().st_mtime for p in exp_dir.glob("fold*/manifest.json")]
+        if marker.is_file() and manifests and marker.stat().st_mtime >= max(manifests):
+            return
+        experiment_report(Path(out), name, root)
+
+
+def run_experiment(name: str, base: dict[str, Any], args: argparse.Namespace, argv: list[str] | None = None) -> int:
     if args.retrain and args.predict_only:
         raise ConfigError("--retrain and --predict-only exclude each other: one trains again, the other does not train")
+    check_launcher_args(args)
     recipe = validate_recipe(resolve_recipe(name, base, args))
     folds = parse_folds(args.fold, recipe.data.k_folds)
-    # The training stack is imported only once the command line and the recipe are known to be good.
     from kfold.data.layout import open_root
-    from kfold.distributed import barrier, cleanup, setup_distributed
     from kfold.splits import ensure_folds, folds_sha256, read_folds
+
+    if args.launcher != "none":  # the jobs import the training stack; the launcher needs only the run folders
+        root = open_root(recipe.data.root)
+        ensure_folds(root, recipe.data.k_folds, recipe.data.fold_seed)
+        todo = folds_to_run(recipe, folds, args, root.path, folds_sha256(root))
+        if args.retrain:
+            clear_for_retrain(recipe, todo, args, root.path, folds_sha256(root))
+        return launch(name, base, args, todo, list(sys.argv[1:] if argv is None else argv))
+    # The training stack is imported only once the command line and the recipe are known to be good.
+    from kfold.distributed import barrier, cleanup, setup_distributed
 
     dist = setup_distributed()
     if recipe.model.encoder_weights is None and args.preset == "full" and not args.weights_path:
@@ -173,19 +213,16 @@ def run_experiment(name: str, base: dict[str, Any], args: argparse.Namespace) ->
         ensure_folds(root, recipe.data.k_folds, recipe.data.fold_seed)
     barrier()
     fold_of = read_folds(root)
-    for fold in folds_to_run(recipe, folds, args, root.path, folds_sha256(root)):
-        run_dir = fold_dir(args.out, name, fold)
-        if args.retrain and dist.is_main and (run_dir / "config.yaml").is_file() and recipe_differences(
-                run_dir, recipe, root.path, folds_sha256(root)):
-            clear_fold(run_dir)
-            print(f"{name} fold {fold}: cleared for --retrain")
+    todo = folds_to_run(recipe, folds, args, root.path, folds_sha256(root))
+    if args.retrain and dist.is_main:
+        clear_for_retrain(recipe, todo, args, root.path, folds_sha256(root))
+    for fold in todo:
         barrier()
         run_fold(recipe, root, fold, fold_of, args, dist)
     if dist.is_main and all(is_complete(fold_dir(args.out, name, k)) for k in range(recipe.data.k_folds)):
-        from kfold.report import experiment_report
-
-        experiment_report(Path(args.out), name, root)
+        report_once(Path(args.out), name, root)
     cleanup()
+    return 0
 
 
 def main(name: str, base: dict[str, Any], argv: list[str] | None = None) -> int:
@@ -201,5 +238,5 @@ def main(name: str, base: dict[str, Any], argv: list[str] | None = None) -> int:
         # Background jobs of a non-interactive shell (make demo trains two at once) start with SIGINT
         # ignored; without this, Ctrl-C in the terminal would leave them training.
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    return run_entry_point(lambda: run_experiment(name, base, args), args.debug,
+    return run_entry_point(lambda: run_experiment(name, base, args, argv), args.debug,
                            interrupted="interrupted: finished folds are kept; run again with --resume to continue")

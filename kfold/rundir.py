@@ -8,6 +8,7 @@ Torch-free: the launcher and ``kfold.status`` read run folders without the train
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
 import platform
 import shutil
@@ -122,3 +123,39 @@ def clear_fold(run_dir: Path) -> None:
     (run_dir / MANIFEST).unlink(missing_ok=True)
     if run_dir.is_dir():
         shutil.rmtree(run_dir)
+
+
+JOB = "job.json"
+# A job's states in the order it moves through them; a record never goes back (a late "pending" from the
+# launcher must not hide the "running" its job already wrote).
+JOB_STATES = ("pending", "requeued", "running", "cancelled", "completed", "failed")
+
+
+def read_job_record(run_dir: Path) -> dict[str, Any]:
+    """The fold's ``job.json`` (empty when there is none or it is unreadable)."""
+    try:
+        record = json.loads((Path(run_dir) / JOB).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def update_job_record(run_dir: Path, **fields: Any) -> dict[str, Any]:
+    """Merge ``fields`` into the fold's ``job.json`` under a lock (the launcher and its job both write it).
+
+    A record of another job id is replaced; within one job the state only moves forward, except that a
+    requeue or a new start of the same job may follow a running state.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".job.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        record = read_job_record(run_dir)
+        if "job_id" in fields and record.get("job_id") not in (None, fields["job_id"]):
+            record = {}
+        old, new = record.get("state"), fields.get("state")
+        if new == "pending" and old in JOB_STATES and old != "pending":
+            fields = {k: v for k, v in fields.items() if k != "state"}
+        record.update(fields)
+        write_text(run_dir / JOB, json.dumps(record, indent=2) + "\n")
+    return record

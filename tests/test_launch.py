@@ -1,0 +1,178 @@
+"""Fold jobs through submitit, as a user launches them: local processes, a SIGKILL, a requeue, a fake SLURM.
+
+No cluster is needed: the local launcher runs real subprocesses, and SLURM is played by small shell scripts
+on PATH that record what they were given.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kfold.launch import job_argv, parse_minutes
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def experiment(root: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "experiments/exp093_2.py", "--preset", "smoke", "--data-root", str(root),
+            "--out", str(out), *extra]
+
+
+def status(out: Path, *names: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kfold.status", "--out", str(out), *names], cwd=REPO,
+                          env=env or ENV, capture_output=True, text=True, timeout=60)
+
+
+def states(table: str) -> dict[int, str]:
+    rows = [line.split() for line in table.splitlines()[1:-1]]
+    return {int(r[1]): r[2] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def local_runs(synthetic_root, tmp_path_factory) -> Path:
+    """Five smoke folds trained by ``--launcher local --jobs 2`` (shared; copy before changing)."""
+    out = tmp_path_factory.mktemp("launch") / "runs"
+    proc = subprocess.run(experiment(synthetic_root, out, "--launcher", "local", "--jobs", "2"), cwd=REPO,
+                          env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
+def test_local_launcher_runs_each_fold_as_its_own_job(local_runs) -> None:
+    records = [json.loads((local_runs / "exp093_2" / f"fold{k}" / "job.json").read_text()) for k in range(5)]
+    assert all(r["launcher"] == "local" and r["state"] == "completed" for r in records)
+    assert len({r["pid"] for r in records}) == 5 and len({r["job_id"] for r in records}) == 5
+    jobs = local_runs / "exp093_2" / "jobs"
+    for r in records:  # submitit's own per-job logs, in the runs folder
+        assert Path(r["stdout"]).parent == jobs and Path(r["stderr"]).is_file()
+    # the report was made once, by the job that finished last
+    assert (local_runs / "exp093_2" / "leaderboard_row.json").is_file()
+    shown = status(local_runs)
+    assert shown.returncode == 0 and states(shown.stdout) == dict.fromkeys(range(5), "complete"), shown.stdout
+    assert "OOF mIoU 0." in shown.stdout
+
+
+def _wait_for(predicate, timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.05)
+
+
+def _task_pid(run_dir: Path) -> int | None:
+    try:
+        record = json.loads((run_dir / "job.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record.get("pid") if record.get("state") == "running" else None
+
+
+def test_a_killed_fold_shows_failed_and_a_requeued_fold_resumes(synthetic_root, tmp_path) -> None:
+    out = tmp_path / "runs"
+    cmd = experiment(synthetic_root, out, "--fold", "2,3", "--opts", "schedule.epochs", "25", "--launcher", "local",
+                     "--jobs", "2")
+    fold2, fold3 = out / "exp093_2" / "fold2", out / "exp093_2" / "fold3"
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: (fold3 / "last.pt").is_file() and _task_pid(fold3))
+        os.kill(_task_pid(fold3), signal.SIGKILL)  # an out-of-memory kill: no record, no result
+        _wait_for(lambda: (fold2 / "last.pt").is_file() and _task_pid(fold2))
+        os.kill(_task_pid(fold2), signal.SIGUSR2)  # what SLURM sends before a time limit or preemption
+        _, err = launcher.communicate(timeout=600)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 1 and "fold(s) 3 failed" in err, err
+
+    record = json.loads((fold2 / "job.json").read_text())
+    assert record["state"] == "completed" and record["attempt"] == 2 and "requeued" in record
+    assert "resumed" in (fold2 / "train.log").read_text()
+    with open(fold2 / "metrics.csv", newline="") as f:
+        epochs = [int(row["epoch"]) for row in csv.DictReader(f)]
+    assert epochs == list(range(1, 26))  # no finished epoch trained twice, none lost
+
+    shown = status(out, "exp093_2")
+    assert shown.returncode == 1, shown.stdout
+    assert states(shown.stdout) == {0: "missing", 1: "missing", 2: "complete", 3: "failed", 4: "missing"}
+    assert "killed?" in shown.stdout and "log " in shown.stdout
+
+    again = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "fold 2: complete, skipped" in again.stdout and "fold 3: started job" in again.stdout
+    assert "fold 2: started" not in again.stdout
+    assert "resumed" in (fold3 / "train.log").read_text()
+    assert states(status(out, "exp093_2").stdout)[3] == "complete"
+
+
+FAKE_SLURM = {
+    "sbatch": 'cp "$1" "$SLURM_RECORD/script.sh"; echo "$@" >> "$SLURM_RECORD/sbatch.args"; '
+              'echo "Submitted batch job 4242"',
+    "srun": 'echo "$@" >> "$SLURM_RECORD/srun.args"',
+    "sacct": 'echo "JobID|State|NodeList"',
+    "scancel": 'echo "$@" >> "$SLURM_RECORD/scancel.args"',
+}
+
+
+@pytest.fixture
+def fake_slurm(tmp_path) -> tuple[dict, Path]:
+    bin_dir, record = tmp_path / "bin", tmp_path / "record"
+    bin_dir.mkdir()
+    record.mkdir()
+    for name, body in FAKE_SLURM.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    return {**ENV, "PATH": f"{bin_dir}:{ENV['PATH']}", "SLURM_RECORD": str(record)}, record
+
+
+def test_slurm_array_covers_exactly_the_unfinished_folds(local_runs, synthetic_root, tmp_path, fake_slurm) -> None:
+    env, record = fake_slurm
+    out = Path(shutil.copytree(local_runs, tmp_path / "runs"))
+    for k in (2, 3, 4):
+        shutil.rmtree(out / "exp093_2" / f"fold{k}")
+    cmd = experiment(synthetic_root, out, "--launcher", "slurm", "--partition", "gpu", "--gpus-per-fold", "1",
+                     "--time", "02:00:00", "--slurm", "qos=high")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "4242_0" in proc.stdout and "4242_2" in proc.stdout and "kfold.status" in proc.stdout
+    script = (record / "script.sh").read_text()
+    for line in ("#SBATCH --array=0-2%3", "#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1",
+                 "#SBATCH --time=120", "#SBATCH --signal=USR2@120", "#SBATCH --qos=high",
+                 "#SBATCH --output=" + str(out / "exp093_2" / "jobs")):
+        assert line in script, (line, script)
+    assert "submitit.core._submit" in script  # submitit's own script, not ours
+    jobs = {k: json.loads((out / "exp093_2" / f"fold{k}" / "job.json").read_text()) for k in (2, 3, 4)}
+    assert [jobs[k]["job_id"] for k in (2, 3, 4)] == ["4242_0", "4242_1", "4242_2"]
+    assert all(j["state"] == "pending" and j["launcher"] == "slurm" for j in jobs.values())
+    shown = status(out, env=env)
+    assert states(shown.stdout) == {0: "complete", 1: "complete", 2: "pending", 3: "pending", 4: "pending"}
+
+
+def test_launcher_flags_are_checked_before_anything_is_submitted(synthetic_root, tmp_path, fake_slurm) -> None:
+    env, record = fake_slurm
+    for flags, words in ((["--launcher", "slurm", "--time", "2h"], "--time '2h'"),
+                         (["--launcher", "local", "--jobs", "0"], "--jobs 0"),
+                         (["--launcher", "slurm", "--slurm", "qos"], "--slurm 'qos'"),
+                         (["--launcher", "slurm", "--slurm", "no_such_option=1"], "no_such_option"),
+                         (["--launcher", "slurm", "--opts", "train.ema_decay", "2"], "train.ema_decay")):
+        proc = subprocess.run(experiment(synthetic_root, tmp_path / "runs", *flags), cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], proc.stderr
+    assert not (record / "sbatch.args").exists()
+
+
+def test_job_command_line_and_time_parsing() -> None:
+    argv = ["--preset", "smoke", "--launcher", "slurm", "--fold", "0,1", "--time=01:00:00", "--retrain", "--slurm",
+            "qos=high", "--opts", "optim.lr", "1e-3"]
+    assert job_argv(argv) == ["--preset", "smoke", "--opts", "optim.lr", "1e-3"]
+    assert parse_minutes("02:00:00") == 120 and parse_minutes("90") == 90 and parse_minutes("00:00:30") == 1
