@@ -2,7 +2,7 @@
 the PNGs alone.
 
 The data is a synthetic root (``kfold.data.synthetic.generate``). The Dataset is built as
-``kfold.train.build_loaders`` builds it: ``SegmentationDataset`` with ``train_transform`` (resize,
+``kfold.train.build_loaders`` builds it: ``SegmentationDataset`` with ``TrainTransform`` (resize,
 scale/rotate, crop, flip, colour jitter), wrapped in ``SeededSamples``. The reference decodes each image's
 RGB, depth and label PNGs with ``kfold.data.layout`` and does nothing else. With workers, the second epoch
 of a loader with persistent workers is timed (worker start-up excluded).
@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from kfold.data.dataset import SegmentationDataset
 from kfold.data.layout import open_root, read_depth, read_label, read_rgb
-from kfold.data.transforms import train_transform
+from kfold.data.transforms import TrainTransform
 from kfold.train import SeededSamples
 
 
@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 read_label(root.label_path("train", i), root.num_classes)
 
         t_decode, _ = best_time(decode, 2)
-        transform = train_transform(size, crop)
+        transform = TrainTransform(size, crop)
         dataset = SeededSamples(SegmentationDataset(root, "train", ids, transform, in_channels=4), seed=0)
         decode_rate = n / t_decode
         shape = f"{size[0]}x{size[1]} -> crop {crop[0]}x{crop[1]}"

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from common import best_time, complementary_models, make_root, parse_args, pick, result, write_fake_experiment
 
-from kfold.data.layout import open_root, read_label
+from kfold.data.layout import open_root
 from kfold.metrics import confusion_matrix, mean_iou
 from kfold.oof import full_res_argmax, open_experiment, score_experiment
 from kfold.predict import open_npy
@@ -78,7 +78,7 @@ def peak_child(how: str, runs: str, root_path: str, chunk: int) -> int:
     else:
         ids = [i for fa in store.fold_arrays for i in fa.oof_ids]
         probs = np.concatenate([np.load(fa.path / fa.manifest["oof"]["file"]) for fa in store.fold_arrays])
-        labels = np.stack([read_label(root.label_path("train", i), C) for i in ids])
+        labels = np.stack([root.label("train", i) for i in ids])
         pred = full_res_argmax(torch.from_numpy(probs), store.image_size).numpy()
         miou = mean_iou(confusion_matrix(labels, pred, C))
     anon_peak = sampler.stop()

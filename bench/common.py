@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from foldwise.io import write_json, write_text
-from kfold.data.layout import open_root, read_label
+from kfold.data.layout import open_root
 from kfold.data.synthetic import generate
 from kfold.predict import open_npy, store_manifest
 from kfold.splits import ensure_folds, folds_sha256, read_folds
@@ -168,7 +168,7 @@ def write_fake_experiment(runs: Path, name: str, root_path: Path, skill: np.ndar
     cols = np.minimum(((np.arange(w) + 0.5) * W / w).astype(np.int64), W - 1)
 
     def small(split: str, ids: Sequence[str]) -> np.ndarray:
-        return np.stack([read_label(root.label_path(split, i), C)[rows[:, None], cols[None, :]] for i in ids])
+        return np.stack([root.label(split, i)[rows[:, None], cols[None, :]] for i in ids])
 
     for f in range(k):
         rng = np.random.default_rng([seed, f])

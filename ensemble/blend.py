@@ -172,7 +172,7 @@ def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -
         if args.dry_run:  # nothing written: score the class maps directly
             test = {"miou": mean_iou(cm), "pixel_acc": pixel_accuracy(cm), "source": "direct (dry run)"}
         else:  # score what was written, as the leaderboard would
-            s = score_submission(csv_path, labels_dir, C, args.order)
+            s = score_submission(csv_path, labels_dir, C, args.order, members.root.class_map)
             test = {"miou": s["miou"], "pixel_acc": s["pixel_acc"], "source": f"{csv_path} vs {labels_dir}"}
         # Each member alone on the same test images (fold-averaged probabilities, T = 1).
         test["members"] = {n: {"miou": mean_iou(m), "pixel_acc": pixel_accuracy(m)} for n, m in zip(names, member_cms)}
@@ -181,6 +181,7 @@ def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -
     record = {
         "name": name, "method": args.method, "per_class": args.per_class, "members": names,
         "classes": list(classes), "folds": k,
+        "class_map": members.root.class_map.to_record() if members.root.class_map else None,
         "weights": fit.weights.tolist(), "temperatures": fit.temperatures.tolist(),
         "chosen": fit.chosen, "moved": fit.moved, "start_miou_sample": fit.start_miou,
         "candidates_sample": fit.candidates, "fit_message": fit.message, "n_evals": fit.n_evals,

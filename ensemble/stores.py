@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ensemble.optimize import blend_probs
 from ensemble.sampling import gather_pixels, stratified_pixel_sample
-from kfold.data.layout import DataRoot, open_root, read_label
+from kfold.data.layout import DataRoot, open_root
 from kfold.metrics import confusion_matrix
 from kfold.oof import ExperimentStore, StoreError, full_res_argmax, list_experiments, open_experiment
 from kfold.splits import FOLDS_FILE, folds_sha256
@@ -98,7 +98,7 @@ class Members:
 
     def labels(self, ids: Sequence[str], split: str = "train") -> np.ndarray:
         """Full-resolution labels (n, H, W) uint8 of ``ids``; a size other than the stores' is a StoreError."""
-        labels = np.stack([read_label(self.root.label_path(split, i), self.num_classes) for i in ids])
+        labels = np.stack([self.root.label(split, i) for i in ids])
         if labels.shape[1:] != self.image_size:
             raise StoreError(f"{self.root.label_path(split, ids[0])}: size {labels.shape[1:]} differs from the "
                              f"stores' image size {self.image_size}")
@@ -156,7 +156,7 @@ def open_members(
     path = data_root if data_root is not None else ref.data_root
     if not path:
         raise StoreError(f"{ref.name}: the manifests record no data_root; pass --data-root")
-    root = open_root(path, verify=False)
+    root = open_root(path, verify=False, class_map=ref.class_map)
     if root.classes != ref.classes:
         raise StoreError(f"{root.path}: classes {list(root.classes)} differ from {ref.name}'s {list(ref.classes)}")
     if (root.path / FOLDS_FILE).is_file() and folds_sha256(root) != ref.folds_sha256:

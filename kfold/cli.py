@@ -19,7 +19,7 @@ from foldwise.cli import ArgumentParser, run_entry_point
 from kfold.config import ConfigError, Recipe, build_recipe, load_recipe, parse_opts, set_key
 from kfold.launch import add_launcher_args, check_launcher_args, launch
 from kfold.rundir import clear_fold, describe_difference, fold_dir, is_complete, recipe_differences, write_config
-from kfold.validate import validate_recipe
+from kfold.validate import fit_recipe_to_root, validate_recipe
 
 if TYPE_CHECKING:
     from kfold.data.layout import DataRoot
@@ -88,8 +88,8 @@ def setup_logging(run_dir: Path, dist: DistInfo) -> None:
 
 
 def run_fold(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[str, int], args: argparse.Namespace,
-             dist: DistInfo) -> None:
-    """Train (unless ``--predict-only``) and predict one fold."""
+             dist: DistInfo, notes: list[str]) -> None:
+    """Train (unless ``--predict-only``) and predict one fold; ``notes`` go to its log first."""
     from kfold.distributed import barrier
     from kfold.models import load_weights, model_from_recipe
     from kfold.plots import plot_curves
@@ -101,6 +101,8 @@ def run_fold(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[str, int],
     train_ids = [i for i in root.train_ids if fold_of[i] != fold]
     val_ids = [i for i in root.train_ids if fold_of[i] == fold]
     setup_logging(run_dir, dist)
+    for note in notes:
+        log.info(note)
     if dist.is_main:
         for stale in run_dir.glob(".*.tmp"):  # left by a killed write; never read, only taking space
             stale.unlink(missing_ok=True)
@@ -193,7 +195,8 @@ def run_experiment(name: str, base: dict[str, Any], args: argparse.Namespace, ar
     from kfold.splits import ensure_folds, folds_sha256, read_folds
 
     if args.launcher != "none":  # the jobs import the training stack; the launcher needs only the run folders
-        root = open_root(recipe.data.root)
+        root = open_root(recipe.data.root, class_map=recipe.data.class_map)
+        fit_recipe_to_root(recipe, root)
         ensure_folds(root, recipe.data.k_folds, recipe.data.fold_seed)
         todo = folds_to_run(recipe, folds, args, root.path, folds_sha256(root))
         if args.retrain:
@@ -208,7 +211,8 @@ def run_experiment(name: str, base: dict[str, Any], args: argparse.Namespace, ar
     if args.preset == "full" and dist.device.type == "cpu" and not args.config:
         warnings.warn("the full preset on a machine without a GPU will be very slow; "
                       "try --preset demo for a CPU-sized run", stacklevel=1)
-    root = open_root(recipe.data.root)
+    root = open_root(recipe.data.root, class_map=recipe.data.class_map)
+    notes = fit_recipe_to_root(recipe, root)
     if dist.is_main:
         ensure_folds(root, recipe.data.k_folds, recipe.data.fold_seed)
     barrier()
@@ -218,7 +222,7 @@ def run_experiment(name: str, base: dict[str, Any], args: argparse.Namespace, ar
         clear_for_retrain(recipe, todo, args, root.path, folds_sha256(root))
     for fold in todo:
         barrier()
-        run_fold(recipe, root, fold, fold_of, args, dist)
+        run_fold(recipe, root, fold, fold_of, args, dist, notes)
     if dist.is_main and all(is_complete(fold_dir(args.out, name, k)) for k in range(recipe.data.k_folds)):
         report_once(Path(args.out), name, root)
     cleanup()

@@ -55,21 +55,35 @@ def l1_depth_loss(pred: Tensor, target: Tensor) -> Tensor:
     return err.sum() / valid.sum().clamp_min(1)
 
 
-def berhu_loss(pred: Tensor, target: Tensor, c_fraction: float = 0.2) -> Tensor:
+BERHU_THRESHOLDS = {"max_fraction": 0.2, "percentile": 0.8}  # each reading's usual c
+
+
+def berhu_loss(pred: Tensor, target: Tensor, c_fraction: float = 0.2, threshold: str = "max_fraction") -> Tensor:
     """Reverse Huber (berHu) loss over valid depth pixels (``target > 0``).
 
-    ``|e|`` where ``|e| <= c`` else ``(e^2 + c^2) / (2c)``, with ``c = c_fraction * max|e|`` over the
-    valid pixels of the batch (detached, as Laina et al. 2016).
+    ``|e|`` where ``|e| <= c`` else ``(e^2 + c^2) / (2c)``. Both readings of the threshold are in use:
+    ``max_fraction``: ``c = c_fraction * max|e|`` over the batch's valid pixels (Laina et al. 2016);
+    ``percentile``: ``c`` = the ``c_fraction`` quantile of ``|e|`` (e.g. 0.8, the 80th percentile), which one
+    outlier cannot inflate. ``c`` is detached in both.
 
     Args:
         pred: ``(B, 1, H, W)`` predicted depth, same size as ``target``.
         target: ``(B, 1, H, W)`` depth in metres, 0 = missing.
-        c_fraction: threshold as a fraction of the largest absolute error.
+        c_fraction: the fraction of the largest error, or the quantile, in (0, 1].
+        threshold: ``"max_fraction"`` or ``"percentile"``.
     """
+    if threshold not in BERHU_THRESHOLDS:
+        raise ValueError(f"threshold must be one of {tuple(BERHU_THRESHOLDS)}, got {threshold!r}")
     valid = target > 0
     err = torch.where(valid, (pred - target).abs(), torch.zeros_like(pred))
+    if threshold == "max_fraction":
+        c = c_fraction * err.detach().max()
+    else:  # kthvalue, not torch.quantile: no size limit on the number of pixels
+        valid_err = err.detach()[valid]
+        k = max(1, min(valid_err.numel(), math.ceil(c_fraction * valid_err.numel())))
+        c = valid_err.kthvalue(k).values if valid_err.numel() else err.new_zeros(())
     # A floor keeps (e^2 + c^2) / 2c finite when the prediction is exact (c = 0, that branch unused).
-    c = (c_fraction * err.detach().max()).clamp_min(1e-12)
+    c = c.clamp_min(1e-12)
     loss = torch.where(err <= c, err, (err * err + c * c) / (2 * c))
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     return loss.sum() / valid.sum().clamp_min(1)
@@ -118,6 +132,8 @@ class SegDepthLoss(nn.Module):
         weighting: "fixed" or "kendall".
         smoothness_weight: weight of the edge-aware depth smoothness term (0 = off).
         ignore_index: label value of unlabelled pixels.
+        berhu_threshold: ``"max_fraction"`` or ``"percentile"`` (see :func:`berhu_loss`).
+        berhu_c: its fraction or quantile; None = 0.2 for max_fraction, 0.8 for percentile.
     """
 
     def __init__(
@@ -132,6 +148,8 @@ class SegDepthLoss(nn.Module):
         weighting: str = "fixed",
         smoothness_weight: float = 0.0,
         ignore_index: int = 255,
+        berhu_threshold: str = "max_fraction",
+        berhu_c: float | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -163,6 +181,10 @@ class SegDepthLoss(nn.Module):
         self.boundary_width = int(boundary_width)
         self.ohem_fraction = ohem_fraction
         self.depth_loss = depth_loss
+        if berhu_threshold not in BERHU_THRESHOLDS:
+            raise ValueError(f"berhu_threshold must be one of {tuple(BERHU_THRESHOLDS)}, got {berhu_threshold!r}")
+        self.berhu_threshold = berhu_threshold
+        self.berhu_c = BERHU_THRESHOLDS[berhu_threshold] if berhu_c is None else float(berhu_c)
         self.depth_weight = float(depth_weight)
         self.weighting = weighting
         self.smoothness_weight = float(smoothness_weight)
@@ -244,8 +266,10 @@ class SegDepthLoss(nn.Module):
             if depth.dim() == 3:
                 depth = depth.unsqueeze(1)
             pred = _resize(depth_pred.float(), tuple(depth.shape[-2:]))
-            fn = l1_depth_loss if self.depth_loss == "l1" else berhu_loss
-            depth_term = fn(pred, depth.float())
+            if self.depth_loss == "l1":
+                depth_term = l1_depth_loss(pred, depth.float())
+            else:
+                depth_term = berhu_loss(pred, depth.float(), self.berhu_c, self.berhu_threshold)
 
         smooth = zero
         if self.smoothness_weight > 0:

@@ -1,6 +1,6 @@
 """Segmentation and depth metrics.
 
-mIoU convention (ARCHITECTURE.md): one confusion matrix over the whole dataset, pixels labelled
+mIoU convention (docs/ARCHITECTURE.md): one confusion matrix over the whole dataset, pixels labelled
 ``ignore_index`` dropped, IoU per class, mean over the classes whose union is non-zero. Confusion
 matrices are ``(C, C)`` int64 with rows = target and columns = prediction, so per-batch or per-rank
 matrices can simply be summed (or ``all_reduce``-d).

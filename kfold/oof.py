@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kfold.data.layout import DataError, DataRoot, open_root, read_label
+from foldwise.classmap import ClassMap, class_map_from_record
+from kfold.data.layout import DataError, DataRoot, open_root
 from kfold.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 from kfold.splits import FOLDS_FILE, folds_sha256, read_folds
 from tta import apply_temperature
@@ -30,7 +31,8 @@ STORE_DTYPE = "float16"
 FOLD_DIR = re.compile(r"fold(\d+)")
 PROB_TOL = 1e-3  # float16 rounding and bilinear resizing keep values in [0, 1] up to this
 SUM_TOL = 1e-2  # ... and class sums at 1 up to this
-_SAME_ACROSS_FOLDS = ("folds_sha256", "classes", "oof_scale", "store_size", "image_size", "dtype", "k_folds")
+_SAME_ACROSS_FOLDS = ("folds_sha256", "classes", "oof_scale", "store_size", "image_size", "dtype", "k_folds",
+                      "class_map")
 
 
 class StoreError(ValueError):
@@ -104,6 +106,7 @@ class ExperimentStore:
     data_root: str
     test_ids: tuple[str, ...] = field(repr=False)
     fold_arrays: list[FoldArrays] = field(repr=False)
+    class_map: ClassMap | None = field(default=None, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -342,7 +345,15 @@ def open_experiment(runs_dir: str | Path, name: str, k: int | None = None) -> Ex
         data_root=str(ref.get("data_root", "")),
         test_ids=tuple(arrays[0].test_ids),
         fold_arrays=arrays,
+        class_map=_class_map(name, ref),
     )
+
+
+def _class_map(name: str, manifest: dict[str, Any]) -> ClassMap | None:
+    try:
+        return class_map_from_record(manifest.get("class_map"))
+    except (ValueError, KeyError, TypeError) as err:
+        raise StoreError(f"{name} fold 0: {MANIFEST} class_map is not valid ({err})") from None
 
 
 def full_res_argmax(probs: Tensor, size: tuple[int, int], temperature: float = 1.0, batch: int = 8) -> Tensor:
@@ -369,10 +380,11 @@ def full_res_argmax(probs: Tensor, size: tuple[int, int], temperature: float = 1
 
 
 def resolve_root(root: DataRoot | str | Path | None, store: ExperimentStore) -> DataRoot:
-    """The given root, or the one the store recorded (opened without re-verifying every file)."""
+    """The given root, or the one the store recorded (opened without re-verifying every file), with the
+    store's class map applied to its labels."""
     if isinstance(root, DataRoot):
         return root
-    return open_root(root if root is not None else store.data_root, verify=False)
+    return open_root(root if root is not None else store.data_root, verify=False, class_map=store.class_map)
 
 
 def score_experiment(
@@ -396,7 +408,7 @@ def score_experiment(
     C = store.num_classes
     cm = np.zeros((C, C), dtype=np.int64)
     for ids, probs in store.iter_oof(chunk, check=True):
-        labels = np.stack([read_label(root.label_path("train", i), C) for i in ids])
+        labels = np.stack([root.label("train", i) for i in ids])
         if labels.shape[1:] != tuple(store.image_size):
             raise StoreError(f"{store.name}: {root.label_path('train', ids[0])} size {labels.shape[1:]} differs "
                              f"from the store's image size {tuple(store.image_size)}")

@@ -13,7 +13,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from foldwise.io import atomic_path  # noqa: E402
-from kfold.data.layout import IGNORE_INDEX, DataRoot, read_depth, read_label, read_rgb  # noqa: E402
+from kfold.data.layout import IGNORE_INDEX, DataRoot, read_depth, read_rgb  # noqa: E402
 from kfold.oof import ExperimentStore, full_res_argmax  # noqa: E402
 
 
@@ -59,12 +59,12 @@ def plot_qualitative(store: ExperimentStore, root: DataRoot, path: Path, n_image
     fig, axes = plt.subplots(len(ids), 5, figsize=(15, 2.6 * len(ids)), squeeze=False)
     for row, (image_id, probs) in enumerate((i, p) for chunk_ids, chunk in store.iter_oof(len(ids), ids)
                                             for i, p in zip(chunk_ids, chunk)):
-        label = read_label(root.label_path("train", image_id), root.num_classes)
+        label = root.label("train", image_id)
         pred = full_res_argmax(torch.from_numpy(probs[None]), label.shape)[0].numpy()
         ignored = label == IGNORE_INDEX
         wrong = (pred != label) & ~ignored
         error = np.where(ignored[..., None], 128, np.where(wrong[..., None], [220, 30, 30], 255)).astype(np.uint8)
-        depth = read_depth(root.depth_path("train", image_id))
+        depth = read_depth(root.depth_path("train", image_id)) if root.has_depth else np.zeros(label.shape, np.float32)
         accuracy = 1.0 - wrong.sum() / max(1, (~ignored).sum())
         panels = [("RGB", read_rgb(root.image_path("train", image_id))),
                   ("depth (m; white = no reading)", np.ma.masked_equal(depth, 0)),

@@ -28,7 +28,7 @@ from foldwise.io import atomic_path, save_npy, write_json, write_text
 from kfold.config import Recipe
 from kfold.data.dataset import SegmentationDataset
 from kfold.data.layout import DataRoot
-from kfold.data.transforms import eval_transform
+from kfold.data.transforms import EvalTransform
 from kfold.metrics import DepthMeter, confusion_matrix_torch, iou_per_class, mean_iou, pixel_accuracy
 from kfold.oof import MANIFEST, STORE_DTYPE, full_res_argmax
 from kfold.splits import folds_sha256 as root_folds_sha256
@@ -112,7 +112,7 @@ def _csv_text(rows: list[dict[str, Any]]) -> str:
 def store_manifest(experiment: str, fold: int, k_folds: int, n_train: int, classes: Sequence[str],
                    image_size: Sequence[int], store_size: Sequence[int], oof_scale: float, n_oof: int, n_test: int,
                    tta: dict[str, Any], temperatures: Sequence[float], folds_sha256: str,
-                   data_root: str | Path) -> dict[str, Any]:
+                   data_root: str | Path, class_map: dict[str, Any] | None = None) -> dict[str, Any]:
     """The part of ``manifest.json`` that describes a fold's store (what ``kfold.oof`` checks).
 
     ``predict_fold`` adds the fold's scores to it; test and benchmark fixtures write fake stores with it, so
@@ -137,6 +137,7 @@ def store_manifest(experiment: str, fold: int, k_folds: int, n_train: int, class
         "temperatures": list(temperatures),
         "folds_sha256": folds_sha256,
         "data_root": str(Path(data_root).resolve()),
+        "class_map": class_map,  # the merge applied to the root's labels (ClassMap.to_record), or None
     }
 
 
@@ -189,7 +190,7 @@ def predict_fold(
     T = float(recipe.tta.temperature)
     C, image_size = root.num_classes, tuple(root.image_size)
     size = store_size(image_size, recipe.oof.scale)
-    transform = eval_transform(recipe.data.input_size)
+    transform = EvalTransform(recipe.data.input_size)
 
     def loader(split: str, ids: Sequence[str]) -> DataLoader:
         dataset = SegmentationDataset(root, split, ids, transform, recipe.data.in_channels,
@@ -248,7 +249,7 @@ def predict_fold(
     manifest = store_manifest(
         experiment, fold, max(folds.values()) + 1, len(folds), root.classes, image_size, size, recipe.oof.scale,
         len(oof_ids), len(test_ids), {"scales": list(cfg.scales), "hflip": cfg.hflip, "temperature": T},
-        cfg.temperatures, folds_sha256, root.path)
+        cfg.temperatures, folds_sha256, root.path, root.class_map.to_record() if root.class_map else None)
     manifest.update({
         "temperature_cm_file": "oof_temperature_cm.npy",
         "oof_miou": _json_float(metrics["oof_miou"]),

@@ -70,12 +70,30 @@ def temperature_table(store: ExperimentStore) -> tuple[list[dict[str, float]], s
     return rows, MEAN_OF_FOLDS
 
 
+def depth_summary(store: ExperimentStore) -> dict[str, float] | None:
+    """OOF depth RMSE / AbsRel / delta1 (metres, against the sensor): the mean of the folds' figures.
+
+    The folds record their metrics, not the sums behind them, so this is a mean of folds (folds of about equal
+    size weigh about equally); None when a fold has no depth head.
+    """
+    per_fold = [store.manifest(f).get("oof_depth") for f in range(store.folds)]
+    if not all(isinstance(d, dict) for d in per_fold):
+        return None
+    return {k: float(np.mean([d[k] for d in per_fold])) for k in ("rmse", "absrel", "delta1")}
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The report as a plain-text table."""
     h, w = report["image_size"]
     lines = [
         f"{report['name']}: OOF over {report['folds']} folds, {report['n_images']} images, scored at {h}x{w}",
         f"mIoU {report['oof_miou']:.4f}   pixel acc {report['pixel_acc']:.4f}",
+    ]
+    depth = report.get("depth")
+    if depth:
+        lines.append(f"depth (metres, vs the sensor, mean of folds): RMSE {depth['rmse']:.4f}   "
+                     f"AbsRel {depth['absrel']:.4f}   delta1 {depth['delta1']:.4f}")
+    lines += [
         "",
         f"{'class':<16}{'IoU':>8}",
     ]
@@ -88,6 +106,7 @@ def format_report(report: dict[str, Any]) -> str:
 def _report_csv(report: dict[str, Any]) -> str:
     rows: list[tuple[str, Any]] = [("oof_miou", report["oof_miou"]), ("pixel_acc", report["pixel_acc"]),
                                    ("n_images", report["n_images"]), ("folds", report["folds"])]
+    rows += [(f"depth_{k}", v) for k, v in (report.get("depth") or {}).items()]
     rows += [(f"iou_{c}", v) for c, v in report["per_class_iou"].items()]
     kind = "miou_pooled" if report["temperature_method"] == POOLED else "miou_mean_of_folds"
     for r in report["temperature_table"]:
@@ -175,6 +194,7 @@ def experiment_report(
         "confusion_matrix": score["confusion_matrix"],
         "temperature_table": table,
         "temperature_method": method,
+        "depth": depth_summary(store),
     }
     print(format_report(report))
 
@@ -196,6 +216,7 @@ def experiment_report(
         "oof_miou": score["miou"],
         "oof_miou_nested": score["miou"],  # one model: nothing is fitted on the OOF, so no optimism to remove
         "pixel_acc": score["pixel_acc"],
+        **{f"depth_{k}": v for k, v in (report["depth"] or {}).items()},
         **{f"iou_{c}": (None if math.isnan(v) else v) for c, v in score["per_class_iou"].items()},
         "submission": "",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

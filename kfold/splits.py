@@ -33,11 +33,16 @@ NO_CLASS = -1  # stratum of images with no (eligible) class present
 
 
 def class_pixel_counts(root: DataRoot, ids: Sequence[str]) -> np.ndarray:
-    """Class pixel counts of train labels: (len(ids), num_classes) int64, rows in ``ids`` order."""
-    counts = np.zeros((len(ids), root.num_classes), dtype=np.int64)
+    """Class pixel counts of train labels: (len(ids), C) int64, rows in ``ids`` order.
+
+    Counted over the root's own classes, never a class map's: ``folds.csv`` is shared by every experiment
+    on the root, whatever classes it merges.
+    """
+    num_classes = len(root.source_classes)
+    counts = np.zeros((len(ids), num_classes), dtype=np.int64)
     for row, image_id in enumerate(ids):
-        label = read_label(root.label_path("train", image_id), root.num_classes)
-        counts[row] = np.bincount(label.ravel(), minlength=256)[: root.num_classes]
+        label = read_label(root.label_path("train", image_id), num_classes)
+        counts[row] = np.bincount(label.ravel(), minlength=256)[:num_classes]
     return counts
 
 
@@ -205,7 +210,7 @@ def fold_summary(root: DataRoot, folds: dict[str, int]) -> pd.DataFrame:
         shares = 100.0 * pixels / max(int(pixels.sum()), 1)
         scenes = {root.scenes.get(i, i) for i, s in zip(root.train_ids, sel) if s}
         rows.append({"fold": f, "images": int(sel.sum()), "scenes": len(scenes),
-                     **{name: round(float(v), 2) for name, v in zip(root.classes, shares)}})
+                     **{name: round(float(v), 2) for name, v in zip(root.source_classes, shares)}})
     return pd.DataFrame(rows).set_index("fold")
 
 

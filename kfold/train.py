@@ -29,7 +29,7 @@ from kfold.checkpoint import (
 from kfold.config import Recipe
 from kfold.data.dataset import SegmentationDataset
 from kfold.data.layout import DataRoot
-from kfold.data.transforms import eval_transform, train_transform
+from kfold.data.transforms import EvalTransform, TrainTransform
 from kfold.distributed import DistInfo, all_reduce_sum, broadcast_buffers
 from kfold.losses import SegDepthLoss
 from kfold.metrics import DepthMeter, confusion_matrix_torch, iou_per_class, mean_iou, pixel_accuracy
@@ -73,6 +73,7 @@ def build_loss(recipe: Recipe, classes: Sequence[str]) -> SegDepthLoss:
         num_classes=len(classes), class_weights=weights if any(w != 1.0 for w in weights) else None,
         boundary_weight=cfg.boundary_weight, boundary_width=cfg.boundary_width, ohem_fraction=cfg.ohem_fraction,
         depth_loss=cfg.depth_loss if recipe.model.depth_head else "none", depth_weight=cfg.depth_weight,
+        berhu_threshold=cfg.berhu_threshold, berhu_c=cfg.berhu_c,
         weighting=cfg.weighting, smoothness_weight=cfg.smoothness_weight)
 
 
@@ -127,8 +128,8 @@ def build_loaders(recipe: Recipe, root: DataRoot, train_ids: Sequence[str], val_
     """Training loader (DistributedSampler under torchrun) and this rank's unpadded share of validation."""
     d = recipe.data
     train_set = SegmentationDataset(
-        root, "train", train_ids, in_channels=d.in_channels,
-        transform=train_transform(d.input_size, d.crop_size, hflip=d.hflip, scale_limit=d.scale_limit,
+        root, "train", train_ids, in_channels=d.in_channels, depth_target=recipe.loss.depth_target,
+        transform=TrainTransform(d.input_size, d.crop_size, hflip=d.hflip, scale_limit=d.scale_limit,
                                   rotate_limit=d.rotate_limit, color_jitter=d.color_jitter))
     samples = SeededSamples(train_set, recipe.train.seed)
     sampler = DistributedSampler(samples, dist.world_size, dist.rank, shuffle=True, seed=recipe.train.seed,
@@ -142,7 +143,7 @@ def build_loaders(recipe: Recipe, root: DataRoot, train_ids: Sequence[str], val_
     # would pad by repeating images and bias the metrics).
     val_share = list(val_ids)[dist.rank::dist.world_size]
     val_set = SegmentationDataset(root, "train", val_share, in_channels=d.in_channels,
-                                  transform=eval_transform(d.input_size))
+                                  transform=EvalTransform(d.input_size))
     val_loader = DataLoader(val_set, batch_size=recipe.oof.batch_size, num_workers=d.num_workers)
     return FoldData(train_loader, val_loader, samples)
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kfold.config import ConfigError, Recipe
+
+if TYPE_CHECKING:
+    from kfold.data.layout import DataRoot
 
 # The names each choice key accepts; the modules that act on them (models, losses, train) use the same lists.
 CHOICES: dict[str, tuple[Any, ...]] = {
@@ -19,6 +22,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.arch": ("fpn", "deeplabv3plus"),
     "loss.depth_loss": ("l1", "berhu", "none"),
     "loss.weighting": ("fixed", "kendall"),
+    "loss.berhu_threshold": ("max_fraction", "percentile"),
+    "loss.depth_target": ("sensor", "teacher", "hybrid"),
     "optim.name": ("adamw", "sgd"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
     "train.select": ("last", "best"),
@@ -58,6 +63,7 @@ RANGES: dict[str, Callable[[Any], str | None]] = {
     "loss.boundary_width": _at_least(1),
     "loss.ohem_fraction": _within(0, 1, open_low=True),
     "loss.depth_weight": _at_least(0),
+    "loss.berhu_c": _within(0, 1, open_low=True),
     "loss.smoothness_weight": _at_least(0),
     "optim.lr": _above(0),
     "optim.weight_decay": _at_least(0),
@@ -114,6 +120,8 @@ def _check_relations(recipe: Recipe) -> None:
     if loss.weighting == "kendall" and (loss.depth_loss == "none" or not recipe.model.depth_head):
         raise ConfigError("loss.weighting: kendall balances two tasks and needs loss.depth_loss l1 or berhu "
                           "with model.depth_head true")
+    if recipe.data.class_map is not None and not recipe.data.class_map.strip():
+        raise ConfigError("data.class_map: give a file (or a shipped map name), or null for the root's classes")
     if not recipe.tta.scales:
         raise ConfigError("tta.scales: give at least one scale, e.g. [1.0]")
     for name, weight in loss.class_weights.items():
@@ -138,3 +146,30 @@ def validate_recipe(recipe: Recipe) -> Recipe:
             _check_value(key, value, check)
     _check_relations(recipe)
     return recipe
+
+
+def fit_recipe_to_root(recipe: Recipe, root: DataRoot) -> list[str]:
+    """Check the recipe against the opened root (before any model is built); adapt it to an RGB-only root.
+
+    A root without ``depths/`` trains with the depth head, depth loss, Kendall weighting and smoothness off
+    (returned as a note to log); a recipe that needs what the root lacks fails naming the folder.
+
+    Returns:
+        Notes for the log.
+    """
+    if recipe.data.in_channels == 4 and not root.has_depth:
+        raise ConfigError(f"{root.path / 'train' / 'depths'}: missing folder; data.in_channels 4 (RGB + depth) "
+                          f"needs depth maps, and this is an RGB-only root")
+    if recipe.loss.depth_target != "sensor" and not root.has_teacher:
+        raise ConfigError(f"{root.teacher_dir}: missing folder; loss.depth_target {recipe.loss.depth_target} needs "
+                          f"a depth teacher's prediction per train image (<id>.png in mm or <id>.npy in metres)")
+    unknown = sorted(set(recipe.loss.class_weights) - set(root.classes))
+    if unknown:
+        raise ConfigError(f"loss.class_weights: unknown class {unknown[0]!r}; classes are {', '.join(root.classes)}")
+    notes = []
+    if not root.has_depth and recipe.model.depth_head:
+        recipe.model.depth_head = False
+        recipe.loss.weighting, recipe.loss.smoothness_weight = "fixed", 0.0
+        notes.append(f"{root.path}: no depths/ folder (an RGB-only root): depth head, depth loss, Kendall "
+                     f"weighting and smoothness are off")
+    return notes

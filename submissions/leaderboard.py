@@ -31,8 +31,9 @@ from submissions.common import SubmissionError, atomic_path
 
 DEFAULT_PATH = Path(__file__).resolve().parent / "leaderboard.csv"
 HEAD = ("name", "kind", "members", "weights", "temperatures", "oof_miou", "oof_miou_nested", "pixel_acc")
+DEPTH = ("depth_rmse", "depth_absrel", "depth_delta1")  # OOF depth in metres vs the sensor, when a model has a head
 TAIL = ("submission", "created", "public_lb")
-NUMERIC = ("oof_miou", "oof_miou_nested", "pixel_acc", "public_lb")
+NUMERIC = ("oof_miou", "oof_miou_nested", "pixel_acc", "public_lb", *DEPTH)
 KINDS = ("experiment", "blend")
 SHORT = ("name", "kind", "oof_miou_nested", "oof_miou", "pixel_acc", "public_lb", "submission", "created")
 
@@ -86,7 +87,8 @@ def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 def _columns(header: list[str], keys: list[str]) -> list[str]:
     iou = [c for c in dict.fromkeys(header + keys) if c.startswith("iou_")]
-    return [*HEAD, *iou, *TAIL]
+    depth = [c for c in DEPTH if c in header or c in keys]
+    return [*HEAD, *depth, *iou, *TAIL]
 
 
 def _write_rows(path: Path, columns: list[str], rows: list[dict[str, str]]) -> None:
@@ -116,7 +118,7 @@ def upsert_leaderboard(row: Mapping[str, object], path: str | os.PathLike = DEFA
         raise SubmissionError(
             f"{path}: row {name!r}: kind must be one of {', '.join(KINDS)}, got {row.get('kind')!r}"
         )
-    unknown = [k for k in row if k not in HEAD + TAIL and not k.startswith("iou_")]
+    unknown = [k for k in row if k not in HEAD + DEPTH + TAIL and not k.startswith("iou_")]
     if unknown:
         raise SubmissionError(f"{path}: row {name!r}: unknown column(s) {', '.join(unknown)}")
     cells = {k: _cell(k, v) for k, v in row.items()}

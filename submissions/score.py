@@ -1,8 +1,9 @@
 """Local leaderboard score of a submission CSV against label PNGs.
 
     python -m submissions.score SUB.csv --labels DIR [--order C|F] [--num-classes 13 | --classes classes.txt]
+                                [--class-map nyu13_to_6]
 
-mIoU convention (ARCHITECTURE.md): one confusion matrix over all images, pixels labelled 255
+mIoU convention (docs/ARCHITECTURE.md): one confusion matrix over all images, pixels labelled 255
 dropped, mean IoU over classes with a non-zero union. A pixel that no class claims counts as the
 prediction "none", wrong for any labelled pixel. Exit codes: 0 ok, 2 bad input (one-line message).
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from foldwise.classmap import ClassMap, read_class_map
 from foldwise.cli import ArgumentParser, run_entry_point
 from submissions.common import (
     DEFAULT_CLASSES,
@@ -60,7 +62,8 @@ def label_ids(labels_dir: Path) -> list[str]:
 
 
 def score_submission(
-    csv_path: str | os.PathLike, labels_dir: str | os.PathLike, num_classes: int, order: str = "C"
+    csv_path: str | os.PathLike, labels_dir: str | os.PathLike, num_classes: int, order: str = "C",
+    class_map: ClassMap | None = None,
 ) -> dict:
     """Score a submission CSV against ``labels_dir/<id>.png``.
 
@@ -69,6 +72,7 @@ def score_submission(
         labels_dir: folder of 8-bit label PNGs; its ids are the ids the CSV must hold.
         num_classes: number of classes.
         order: RLE pixel order, ``"C"`` or ``"F"``.
+        class_map: merges the label PNGs' classes into ``num_classes`` merged ones before scoring.
 
     Returns:
         dict with ``miou``, ``pixel_acc``, ``iou`` ((C,) float64, nan where the union is zero),
@@ -82,8 +86,12 @@ def score_submission(
     ids = label_ids(labels_dir)
     groups = group_rows(read_submission(csv_path), ids, num_classes, str(csv_path))
     cm = np.zeros((num_classes, num_classes + 1), dtype=np.int64)
+    lut = class_map.lut if class_map else None
+    source_classes = len(class_map.source_classes) if class_map else num_classes
     for image_id in ids:
-        label = read_label(labels_dir / f"{image_id}.png", num_classes)
+        label = read_label(labels_dir / f"{image_id}.png", source_classes)
+        if lut is not None:
+            label = lut[label]
         pred = decode_image(groups[image_id], label.shape, num_classes, order, str(csv_path), image_id)
         cm += confusion_matrix(label, pred, num_classes)
     return {
@@ -142,13 +150,19 @@ def main(argv: list[str] | None = None) -> int:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--num-classes", type=int, default=None, help="number of classes (default 13)")
     group.add_argument("--classes", type=Path, default=None, help="classes.txt, one name per line")
+    parser.add_argument("--class-map", default=None,
+                        help="merge the labels' classes first (a YAML new_name: [old names], or a shipped map name)")
     args = parser.parse_args(argv)
 
     def body() -> None:
         names = _class_names(args)
         if len(names) < 1:
             raise SubmissionError(f"--num-classes must be >= 1, got {args.num_classes}")
-        print(format_scores(score_submission(args.submission, args.labels, len(names), args.order), names))
+        class_map = read_class_map(args.class_map, names) if args.class_map else None
+        if class_map:
+            names = class_map.classes
+        scores = score_submission(args.submission, args.labels, len(names), args.order, class_map)
+        print(format_scores(scores, names))
 
     return run_entry_point(body, args.debug)
 

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from foldwise.io import write_png
 from kfold.data.dataset import IMAGENET_MEAN, IMAGENET_STD, SegmentationDataset, inverse_depth
 from kfold.data.layout import DataError, DataRoot, open_root
-from kfold.data.transforms import eval_transform, train_transform
+from kfold.data.transforms import EvalTransform, TrainTransform
 
 H, W = 48, 64
 NUM_CLASSES = 13
@@ -68,7 +68,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> DataRoot:
 @pytest.mark.parametrize("seed", range(4))
 def test_train_transform_keeps_image_depth_label_aligned(seed: int) -> None:
     image, depth, label = sample(seed)
-    t = train_transform((56, 72), (40, 56), hflip=0.5, scale_limit=0.2, rotate_limit=20, color_jitter=0.0, seed=seed)
+    t = TrainTransform((56, 72), (40, 56), hflip=0.5, scale_limit=0.2, rotate_limit=20, color_jitter=0.0, seed=seed)
     for _ in range(5):
         out = t(image=image, depth=depth, label=label)
         assert out["image"].shape == (40, 56, 3) and out["image"].dtype == np.uint8
@@ -90,20 +90,20 @@ def test_train_transform_keeps_image_depth_label_aligned(seed: int) -> None:
 
 def test_rotation_fills_ignore_and_missing() -> None:
     image, depth, label = sample()
-    t = train_transform((H, W), (H, W), hflip=0.0, scale_limit=0.0, rotate_limit=30, color_jitter=0.0, seed=3)
+    t = TrainTransform((H, W), (H, W), hflip=0.0, scale_limit=0.0, rotate_limit=30, color_jitter=0.0, seed=3)
     filled = [(t(image=image, depth=depth, label=label)["label"] == 255).mean() for _ in range(8)]
     assert max(filled) > 0.02  # some rotation of up to 30 degrees leaves corners uncovered
 
 
 def test_hflip_exact_and_padding() -> None:
     image, depth, label = sample()
-    t = train_transform((H, W), (H, W), hflip=1.0, scale_limit=0.0, rotate_limit=0.0, color_jitter=0.0)
+    t = TrainTransform((H, W), (H, W), hflip=1.0, scale_limit=0.0, rotate_limit=0.0, color_jitter=0.0)
     out = t(image=image, depth=depth, label=label)
     np.testing.assert_array_equal(out["image"], image[:, ::-1])
     np.testing.assert_array_equal(out["label"], label[:, ::-1])
     np.testing.assert_array_equal(out["depth"], depth[:, ::-1])
     # A crop bigger than the input is padded: image 0, label 255, depth 0 (missing).
-    t = train_transform((H, W), (H + 8, W + 8), hflip=0.0, scale_limit=0.0, rotate_limit=0.0, color_jitter=0.0)
+    t = TrainTransform((H, W), (H + 8, W + 8), hflip=0.0, scale_limit=0.0, rotate_limit=0.0, color_jitter=0.0)
     out = t(image=image, depth=depth, label=label)
     assert out["label"].shape == (H + 8, W + 8)
     np.testing.assert_array_equal(out["label"][4:-4, 4:-4], label)
@@ -114,8 +114,8 @@ def test_hflip_exact_and_padding() -> None:
 def test_color_jitter_touches_rgb_only_and_seed_reproduces() -> None:
     image, depth, label = sample()
     kwargs = dict(hflip=0.0, scale_limit=0.0, rotate_limit=0.0, color_jitter=0.4, seed=7)
-    a = train_transform((H, W), (H, W), **kwargs)(image=image, depth=depth, label=label)
-    b = train_transform((H, W), (H, W), **kwargs)(image=image, depth=depth, label=label)
+    a = TrainTransform((H, W), (H, W), **kwargs)(image=image, depth=depth, label=label)
+    b = TrainTransform((H, W), (H, W), **kwargs)(image=image, depth=depth, label=label)
     assert not np.array_equal(a["image"], image)
     np.testing.assert_array_equal(a["label"], label)
     np.testing.assert_array_equal(a["depth"], depth)
@@ -125,7 +125,7 @@ def test_color_jitter_touches_rgb_only_and_seed_reproduces() -> None:
 def test_eval_transform_resizes_inputs_only() -> None:
     image, depth, label = sample()
     depth[:3] = 0.0
-    out = eval_transform((32, 40))(image=image, depth=depth, label=label)
+    out = EvalTransform((32, 40))(image=image, depth=depth, label=label)
     assert out["image"].shape == (32, 40, 3) and out["depth_input"].shape == (32, 40)
     assert out["label"].shape == (H, W) and out["depth"].shape == (H, W)
     np.testing.assert_array_equal(out["label"], label)
@@ -136,17 +136,17 @@ def test_eval_transform_resizes_inputs_only() -> None:
 
 def test_transform_arguments_checked() -> None:
     with pytest.raises(ValueError, match="crop_size"):
-        train_transform((H, W), (0, W))
+        TrainTransform((H, W), (0, W))
     with pytest.raises(ValueError, match="hflip"):
-        train_transform((H, W), (H, W), hflip=1.5)
+        TrainTransform((H, W), (H, W), hflip=1.5)
     with pytest.raises(ValueError, match="input_size"):
-        eval_transform((H,))
+        EvalTransform((H,))
 
 
 # ----------------------------------------------------------------------------------------------- dataset
 @pytest.mark.parametrize("in_channels", [3, 4])
 def test_eval_dataset_shapes_dtypes_and_collate(root: DataRoot, in_channels: int) -> None:
-    ds = SegmentationDataset(root, "train", root.train_ids, eval_transform((32, 40)), in_channels=in_channels)
+    ds = SegmentationDataset(root, "train", root.train_ids, EvalTransform((32, 40)), in_channels=in_channels)
     item = ds[0]
     assert item["image"].shape == (in_channels, 32, 40) and item["image"].dtype == torch.float32
     assert item["depth"].shape == (1, H, W) and item["depth"].dtype == torch.float32
@@ -172,7 +172,7 @@ def test_values_normalisation_and_inverse_depth(root: DataRoot) -> None:
 
 
 def test_train_dataset_crops_everything(root: DataRoot) -> None:
-    t = train_transform((H, W), (32, 32), seed=0)
+    t = TrainTransform((H, W), (32, 32), seed=0)
     ds = SegmentationDataset(root, "train", root.train_ids[:4], t, in_channels=4)
     batch = next(iter(DataLoader(ds, batch_size=4)))
     assert batch["image"].shape == (4, 4, 32, 32)
@@ -183,7 +183,7 @@ def test_train_dataset_crops_everything(root: DataRoot) -> None:
 
 def test_workers_draw_different_augmentations(root: DataRoot) -> None:
     same = [root.train_ids[0]] * 4
-    t = train_transform((H, W), (32, 32), color_jitter=0.0)
+    t = TrainTransform((H, W), (32, 32), color_jitter=0.0)
     ds = SegmentationDataset(root, "train", same, t)
     loader = DataLoader(ds, batch_size=1, num_workers=2)
     labels = [b["label"][0] for b in loader]  # items 0 and 1 come from different workers
@@ -206,7 +206,7 @@ class ReseedEach(torch.utils.data.Dataset):
 
 def test_explicit_reseed_wins_over_worker_seeding(root: DataRoot) -> None:
     same = [root.train_ids[0]] * 4
-    ds = ReseedEach(SegmentationDataset(root, "train", same, train_transform((H, W), (32, 32))))
+    ds = ReseedEach(SegmentationDataset(root, "train", same, TrainTransform((H, W), (32, 32))))
     in_main = [ds[i]["label"] for i in range(4)]
     assert torch.equal(in_main[0], in_main[2]) and not torch.equal(in_main[0], in_main[1])
     in_workers = [b["label"][0] for b in DataLoader(ds, batch_size=1, num_workers=2)]
@@ -215,12 +215,12 @@ def test_explicit_reseed_wins_over_worker_seeding(root: DataRoot) -> None:
 
 
 def test_unlabelled_splits_give_ignore(root: DataRoot, tmp_path: Path) -> None:
-    ds = SegmentationDataset(root, "test", root.test_ids, eval_transform((H, W)), with_labels=False)
+    ds = SegmentationDataset(root, "test", root.test_ids, EvalTransform((H, W)), with_labels=False)
     assert (ds[0]["label"] == 255).all()
     assert not (SegmentationDataset(root, "test", root.test_ids, None)[0]["label"] == 255).all()
     bare = open_root(make_root(tmp_path / "bare", test_labels=False))
     assert not bare.has_test_labels
-    ds = SegmentationDataset(bare, "test", bare.test_ids, eval_transform((32, 40)), in_channels=4)
+    ds = SegmentationDataset(bare, "test", bare.test_ids, EvalTransform((32, 40)), in_channels=4)
     item = ds[1]
     assert item["label"].shape == (H, W) and (item["label"] == 255).all() and item["id"] == "t1"
 

@@ -10,6 +10,7 @@ import pytest
 
 from kfold.data import synthetic
 from kfold.data.layout import DEFAULT_CLASSES, IGNORE_INDEX, open_root, read_depth, read_label
+from kfold.data.synthetic import writer
 
 SIZE = (48, 64)
 
@@ -23,7 +24,7 @@ def root(tmp_path_factory) -> Path:
 def many(tmp_path_factory) -> tuple[Path, np.ndarray]:
     """48 train images (12 rooms) for statistics; returns the root and the 256-bin label histogram."""
     out = tmp_path_factory.mktemp("many") / "root"
-    counts = synthetic._generate(out, 48, 0, SIZE, 1, 4, False)
+    counts = writer._generate(out, 48, 0, SIZE, 1, 4, False)
     return out, counts
 
 
@@ -109,10 +110,15 @@ def test_views_have_consistent_structure():
     rows_floor, rows_ceiling = [], []
     for room_index in range(6):
         room = synthetic.build_room(np.random.default_rng([0, room_index]))
-        rgb, depth, label = synthetic.render_view(rng, room, SIZE)
+        rgb, depth, label, teacher = synthetic.render_view(rng, room, SIZE)
         assert rgb.shape == (*SIZE, 3) and rgb.dtype == np.uint8
         assert depth.shape == SIZE and depth.dtype == np.uint16
         assert label.shape == SIZE and label.dtype == np.uint8
+        # the teacher is dense where the sensor has holes, and within its +-3 % of the sensor elsewhere
+        assert teacher.shape == SIZE and teacher.dtype == np.uint16 and (teacher > 0).all()
+        seen = (depth > 0) & (depth < 5000)
+        ratio = teacher[seen].astype(np.float64) / depth[seen]
+        assert 0.9 < np.median(ratio) < 1.1 and (depth == 0).any()
         for cls, rows in (("floor", rows_floor), ("ceiling", rows_ceiling)):
             r, _ = np.nonzero(label == DEFAULT_CLASSES.index(cls))
             rows.extend(r.tolist())

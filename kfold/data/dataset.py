@@ -9,8 +9,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from kfold.data.layout import IGNORE_INDEX, SPLITS, DataError, DataRoot, read_depth, read_label, read_rgb
+from kfold.data.layout import IGNORE_INDEX, SPLITS, DataError, DataRoot, read_depth, read_rgb
 
+DEPTH_TARGETS = ("sensor", "teacher", "hybrid")
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
@@ -34,8 +35,10 @@ def inverse_depth(depth: np.ndarray, min_depth_m: float) -> np.ndarray:
     return inv
 
 
-def _identity(image: np.ndarray, depth: np.ndarray, label: np.ndarray) -> dict[str, np.ndarray]:
-    return {"image": image, "depth": depth, "label": label, "depth_input": depth}
+def _identity(image: np.ndarray, depth: np.ndarray, label: np.ndarray,
+              depth_target: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    target = depth if depth_target is None else depth_target
+    return {"image": image, "depth": target, "label": label, "depth_input": depth}
 
 
 class SegmentationDataset(Dataset):
@@ -50,12 +53,14 @@ class SegmentationDataset(Dataset):
         split: "train" or "test".
         ids: the ids to serve, in order (e.g. one fold's validation ids).
         transform: ``t(image=, depth=, label=) -> dict(image, depth, label, depth_input)``, e.g.
-            :func:`kfold.data.transforms.train_transform`; None keeps every array as read.
+            :func:`kfold.data.transforms.TrainTransform`; None keeps every array as read.
         in_channels: 3 (RGB) or 4 (RGB + inverse depth).
         with_labels: read labels; when False, or when the split has none (test without ``test_labels/``),
             every label pixel is 255.
         max_depth_m: readings beyond this are treated as missing (sensor range).
         min_depth_m: the depth that maps to 1.0 in the inverse-depth channel.
+        depth_target: what ``depth`` holds: ``sensor``, ``teacher`` (``train/teacher_depths``) or ``hybrid``
+            (the teacher where it has a reading, else the sensor); the 4th input channel is always the sensor.
     """
 
     def __init__(
@@ -68,11 +73,20 @@ class SegmentationDataset(Dataset):
         with_labels: bool = True,
         max_depth_m: float = 10.0,
         min_depth_m: float = 0.25,
+        depth_target: str = "sensor",
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if in_channels not in (3, 4):
             raise ValueError(f"in_channels must be 3 (RGB) or 4 (RGB + inverse depth), got {in_channels}")
+        if depth_target not in DEPTH_TARGETS:
+            raise ValueError(f"depth_target must be one of {DEPTH_TARGETS}, got {depth_target!r}")
+        if depth_target != "sensor" and not root.has_teacher:
+            raise DataError(f"{root.teacher_dir}: missing folder; loss.depth_target {depth_target} needs a depth "
+                            f"teacher's prediction per train image (<id>.png in mm or <id>.npy in metres)")
+        if in_channels == 4 and not root.has_depth:
+            raise DataError(f"{root.path / split / 'depths'}: missing folder; a 4-channel (RGB + depth) recipe "
+                            f"needs depth maps (this is an RGB-only root)")
         if not 0 < min_depth_m < max_depth_m:
             raise ValueError(f"need 0 < min_depth_m < max_depth_m, got {min_depth_m} and {max_depth_m}")
         known = set(root.ids(split))
@@ -90,6 +104,7 @@ class SegmentationDataset(Dataset):
         self.labelled = with_labels and (split == "train" or root.has_test_labels)
         self.max_depth_m = max_depth_m
         self.min_depth_m = min_depth_m
+        self.depth_target = depth_target
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -106,21 +121,36 @@ class SegmentationDataset(Dataset):
         path = self.root.image_path(self.split, image_id)
         image = read_rgb(path)
         self._check_size(path, image)
-        path = self.root.depth_path(self.split, image_id)
-        depth = read_depth(path)
-        self._check_size(path, depth)
-        depth[depth > self.max_depth_m] = 0.0
+        if self.root.has_depth:
+            path = self.root.depth_path(self.split, image_id)
+            depth = read_depth(path)
+            self._check_size(path, depth)
+            depth[depth > self.max_depth_m] = 0.0
+        else:  # an RGB-only root: every pixel "no reading"
+            depth = np.zeros(image.shape[:2], dtype=np.float32)
         if self.labelled:
             path = self.root.label_path(self.split, image_id)
-            label = read_label(path, self.root.num_classes)
+            label = self.root.label(self.split, image_id)
             self._check_size(path, label)
         else:
             label = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
         return image, depth, label
 
+    def target_depth(self, index: int, sensor: np.ndarray) -> np.ndarray | None:
+        """The depth the loss learns from when it is not the sensor's: the teacher's, or hybrid."""
+        if self.depth_target == "sensor":
+            return None
+        teacher = self.root.teacher_depth(self.ids[index])
+        teacher[teacher > self.max_depth_m] = 0.0
+        return teacher if self.depth_target == "teacher" else np.where(teacher > 0, teacher, sensor)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, depth, label = self.read(index)
-        out = self.transform(image=image, depth=depth, label=label)
+        target = self.target_depth(index, depth)
+        if target is None:
+            out = self.transform(image=image, depth=depth, label=label)
+        else:  # the input channel keeps the sensor (what a test image has); the loss sees the target
+            out = self.transform(image=image, depth=depth, label=label, depth_target=target)
         x = normalize_rgb(out["image"])
         if self.in_channels == 4:
             x = np.concatenate([x, inverse_depth(out["depth_input"], self.min_depth_m)[None]], axis=0)

@@ -1,4 +1,4 @@
-"""The dataset root contract (see ARCHITECTURE.md): listing, validating and reading its PNGs.
+"""The dataset root contract (see docs/ARCHITECTURE.md): listing, validating and reading its PNGs.
 
 Every problem with a root is a :class:`DataError` whose one-line message starts with the offending path.
 """
@@ -17,8 +17,10 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from foldwise.classes import DEFAULT_CLASSES, IGNORE_INDEX
+from foldwise.classmap import ClassMap, read_class_map
 
 SPLITS = ("train", "test")
+TEACHER_DIR = "teacher_depths"  # beside train/depths: a depth teacher's prediction, <id>.png (mm) or <id>.npy (m)
 
 _DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I")  # how Pillow opens a 16-bit greyscale PNG
 _LABEL_MODES = ("L", "P")  # palette PNGs store class ids as palette indices
@@ -44,10 +46,12 @@ class DataRoot:
 
     Args:
         path: the root folder.
-        classes: class names; the index is the class id.
+        classes: class names; the index is the class id (after the class map, when there is one).
         train_ids / test_ids: sorted file stems of ``train/images`` and ``test/images``.
         image_size: (H, W) shared by every image of the root.
         scenes: train id -> scene (the id itself when the root has no ``scenes.csv``).
+        has_depth: the root has ``depths/`` folders (an RGB-only root has none).
+        class_map: merges the root's own classes (``class_map.source_classes``) when labels are read.
     """
 
     path: Path
@@ -56,14 +60,38 @@ class DataRoot:
     test_ids: tuple[str, ...] = field(repr=False)
     image_size: tuple[int, int]
     scenes: dict[str, str] = field(repr=False, compare=False)
+    has_depth: bool = True
+    class_map: ClassMap | None = field(default=None, repr=False)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     @property
+    def source_classes(self) -> tuple[str, ...]:
+        """The classes of the label PNGs on disk (before the class map)."""
+        return self.class_map.source_classes if self.class_map else self.classes
+
+    @property
     def has_test_labels(self) -> bool:
         return (self.path / "test_labels").is_dir()
+
+    @property
+    def teacher_dir(self) -> Path:
+        return self.path / "train" / TEACHER_DIR
+
+    @property
+    def has_teacher(self) -> bool:
+        return self.teacher_dir.is_dir()
+
+    def label(self, split: str, image_id: str) -> np.ndarray:
+        """The label of ``image_id`` as uint8 (H, W) class ids of :attr:`classes` (merged) or 255."""
+        label = read_label(self.label_path(split, image_id), len(self.source_classes))
+        return self.class_map.apply(label) if self.class_map else label
+
+    def teacher_depth(self, image_id: str) -> np.ndarray:
+        """The depth teacher's prediction for a train image: float32 (H, W) metres, 0 = none."""
+        return read_teacher_depth(self.teacher_dir, image_id, self.image_size)
 
     def _split_dir(self, split: str) -> Path:
         if split not in SPLITS:
@@ -151,6 +179,29 @@ def read_depth(path: str | os.PathLike) -> np.ndarray:
     """Read a 16-bit millimetre depth PNG as float32 (H, W) metres; 0.0 = missing."""
     depth = _decode(Path(path), _check_depth_mode)
     return depth.astype(np.float32) / np.float32(1000.0)
+
+
+def read_teacher_depth(folder: Path, image_id: str, size: tuple[int, int]) -> np.ndarray:
+    """A teacher's depth: ``<id>.png`` (16-bit mm, 0 = none, as the sensor) or ``<id>.npy`` (float32 metres)."""
+    png, npy = folder / f"{image_id}.png", folder / f"{image_id}.npy"
+    if png.is_file():
+        depth = read_depth(png)
+        path = png
+    elif npy.is_file():
+        try:
+            depth = np.load(npy, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise _error(npy, f"unreadable .npy ({e})") from None
+        if depth.ndim != 2 or not np.issubdtype(depth.dtype, np.floating):
+            raise _error(npy, f"expected a 2-D float array of metres, got {depth.dtype} {depth.shape}")
+        depth = np.nan_to_num(depth.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        depth[depth < 0] = 0.0
+        path = npy
+    else:
+        raise _error(png, f"missing teacher depth for image {image_id!r} (<id>.png in mm or <id>.npy in metres)")
+    if depth.shape != tuple(size):
+        raise _error(path, f"size {depth.shape[0]}x{depth.shape[1]} (HxW) differs from the root's {size[0]}x{size[1]}")
+    return depth
 
 
 def read_label(path: str | os.PathLike, num_classes: int) -> np.ndarray:
@@ -260,11 +311,12 @@ def _verify_split(root: DataRoot, split: str, ids: tuple[str, ...], reference: P
     def check(image_id: str) -> None:
         path = root.image_path(split, image_id)
         _check_size(path, _header(path, _check_rgb_mode), size, reference)
-        path = root.depth_path(split, image_id)
-        _check_size(path, _header(path, _check_depth_mode), size, reference)
+        if root.has_depth:
+            path = root.depth_path(split, image_id)
+            _check_size(path, _header(path, _check_depth_mode), size, reference)
         if labels:
             path = root.label_path(split, image_id)
-            label = read_label(path, root.num_classes)  # full decode: values must be checked
+            label = read_label(path, len(root.source_classes))  # full decode: values must be checked
             _check_size(path, label.shape, size, reference)
 
     # PNG inflate releases the GIL, so threads speed up the full label decode.
@@ -277,47 +329,87 @@ def _verify_split(root: DataRoot, split: str, ids: tuple[str, ...], reference: P
         pool.shutdown(cancel_futures=True)
 
 
-def open_root(path: str | os.PathLike, verify: bool = True) -> DataRoot:
+def _match_teacher(root: Path, train_ids: tuple[str, ...]) -> None:
+    """``train/teacher_depths``, when present, holds one ``<id>.png`` or ``<id>.npy`` per train image."""
+    folder = root / "train" / TEACHER_DIR
+    if not folder.is_dir():
+        return
+    stems: dict[str, Path] = {}
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.suffix not in (".png", ".npy") or entry.stem in stems:
+            raise _error(entry, f"unexpected entry; {folder} holds one <id>.png (mm) or <id>.npy (m) per image")
+        stems[entry.stem] = entry
+    missing = [i for i in train_ids if i not in stems]
+    if missing:
+        raise _error(folder / f"{missing[0]}.png", f"missing teacher depth for image {missing[0]!r} "
+                                                   f"({len(missing)} of {len(train_ids)} missing)")
+    extra = sorted(set(stems) - set(train_ids))
+    if extra:
+        raise _error(stems[extra[0]], "teacher depth without a matching image in train/images")
+
+
+def _list_images(folder: Path, missing_hint: str) -> dict[str, Path]:
+    """The ``<id>.png`` files of a split's ``images/`` folder; it must exist and hold at least one."""
+    if not folder.is_dir():
+        raise _error(folder, f"missing folder; {missing_hint}")
+    found = _list_pngs(folder)
+    if not found:
+        raise _error(folder, f"empty split: no <id>.png {folder.parent.name} images")
+    return found
+
+
+def _list_test(root: Path, has_depth: bool) -> tuple[str, ...]:
+    """Ids of the optional test split, with its depths (when the root has depth) and optional labels."""
+    if not (root / "test").exists():
+        if (root / "test_labels").exists():
+            raise _error(root / "test_labels", "test labels without a test/ split")
+        return ()
+    images = root / "test" / "images"
+    test_ids = tuple(sorted(_list_images(images, "remove test/ entirely for a root without a test split")))
+    if has_depth:
+        _match_ids(test_ids, root / "test" / "depths", "depth", images)
+    elif (root / "test" / "depths").exists():
+        raise _error(root / "test" / "depths", "test depths without train/depths; add those or remove these")
+    if (root / "test_labels").exists():
+        _match_ids(test_ids, root / "test_labels", "test label", images)
+    return test_ids
+
+
+def open_root(path: str | os.PathLike, verify: bool = True, class_map: str | os.PathLike | ClassMap | None = None
+              ) -> DataRoot:
     """Open a dataset root and check it against the layout contract.
 
     Args:
-        path: the root folder (``train/``; optional ``test/``, ``test_labels/``, ``scenes.csv``,
-            ``classes.txt``).
+        path: the root folder (``train/``; optional ``depths/``, ``train/teacher_depths``, ``test/``,
+            ``test_labels/``, ``scenes.csv``, ``classes.txt``).
         verify: check every file (modes, sizes, PNG integrity, label values). When False only the ids are
             listed and cross-checked, and one image is read for the size.
+        class_map: a class map file (or shipped map name), or a :class:`ClassMap`, merging the root's classes
+            when labels are read.
 
     Returns:
         the :class:`DataRoot`.
     """
     root = Path(path)
     if not root.is_dir():
-        raise _error(root, "dataset root not found (expected a folder with train/images, train/depths, ...)")
+        raise _error(root, "dataset root not found (expected a folder with train/images, train/labels, ...)")
     classes = _read_classes(root)
+    if class_map is not None and not isinstance(class_map, ClassMap):
+        class_map = read_class_map(class_map, classes)
+    elif class_map is not None and class_map.source_classes != classes:
+        raise _error(root, f"classes {list(classes)} differ from those the class map was made for "
+                           f"{list(class_map.source_classes)}")
 
-    train_images = root / "train" / "images"
-    if not train_images.is_dir():
-        raise _error(train_images, "missing folder; a dataset root needs train/images/<id>.png")
-    train = _list_pngs(train_images)
-    if not train:
-        raise _error(train_images, "empty split: no <id>.png training images")
+    train = _list_images(root / "train" / "images", "a dataset root needs train/images/<id>.png")
     train_ids = tuple(sorted(train))
-    _match_ids(train_ids, root / "train" / "depths", "depth", train_images)
-    _match_ids(train_ids, root / "train" / "labels", "label", train_images)
-
-    test_ids: tuple[str, ...] = ()
-    if (root / "test").exists():
-        test_images = root / "test" / "images"
-        if not test_images.is_dir():
-            raise _error(test_images, "missing folder; remove test/ entirely for a root without a test split")
-        test = _list_pngs(test_images)
-        if not test:
-            raise _error(test_images, "empty split: no <id>.png test images")
-        test_ids = tuple(sorted(test))
-        _match_ids(test_ids, root / "test" / "depths", "depth", test_images)
-        if (root / "test_labels").exists():
-            _match_ids(test_ids, root / "test_labels", "test label", test_images)
-    elif (root / "test_labels").exists():
-        raise _error(root / "test_labels", "test labels without a test/ split")
+    has_depth = (root / "train" / "depths").exists()
+    if has_depth:
+        _match_ids(train_ids, root / "train" / "depths", "depth", root / "train" / "images")
+    _match_ids(train_ids, root / "train" / "labels", "label", root / "train" / "images")
+    _match_teacher(root, train_ids)
+    test_ids = _list_test(root, has_depth)
     clash = sorted(set(train_ids) & set(test_ids))
     if clash:
         raise _error(root / "test" / "images" / f"{clash[0]}.png", "id also present in train/images")
@@ -325,7 +417,8 @@ def open_root(path: str | os.PathLike, verify: bool = True) -> DataRoot:
     scenes = _read_scenes(root, train_ids, test_ids)
     reference = train[train_ids[0]]
     image_size = _header(reference, _check_rgb_mode)
-    data_root = DataRoot(root, classes, train_ids, test_ids, image_size, scenes)
+    shown = class_map.classes if class_map else classes
+    data_root = DataRoot(root, shown, train_ids, test_ids, image_size, scenes, has_depth, class_map)
     if verify:
         _verify_split(data_root, "train", train_ids, reference, labels=True)
         if test_ids:

@@ -17,7 +17,7 @@ import torch
 
 from kfold.data.layout import IGNORE_INDEX
 
-__all__ = ["TrainTransform", "EvalTransform", "train_transform", "eval_transform"]
+__all__ = ["EvalTransform", "TrainTransform"]
 
 
 def _check_size(name: str, size: tuple[int, int]) -> tuple[int, int]:
@@ -44,8 +44,9 @@ def _unshift_label(shifted: np.ndarray) -> np.ndarray:
 class TrainTransform:
     """Resize, scale/rotate, crop (padded when needed), flip and colour-jitter image, depth and label.
 
-    Call with ``image`` uint8 (H, W, 3), ``depth`` float32 (H, W) metres, ``label`` uint8 (H, W); returns
-    ``image``, ``depth``, ``label`` and ``depth_input`` (the same array as ``depth``) at the crop size.
+    Call with ``image`` uint8 (H, W, 3), ``depth`` float32 (H, W) metres, ``label`` uint8 (H, W) and optionally
+    ``depth_target`` (a teacher's depth for the loss); returns ``image``, ``depth`` (the target, else the
+    sensor), ``label`` and ``depth_input`` (the sensor's depth) at the crop size.
 
     Args:
         input_size: (H, W) every sample is resized to first.
@@ -106,7 +107,7 @@ class TrainTransform:
                     p=1.0,
                 )
             )
-        self.pipeline = A.Compose(steps, additional_targets={"depth": "mask"}, seed=seed)
+        self.pipeline = A.Compose(steps, additional_targets={"depth": "mask", "depth_target": "mask"}, seed=seed)
         self._rng_owner: tuple[int, int] | None = None
 
     @staticmethod
@@ -130,13 +131,18 @@ class TrainTransform:
             self.pipeline.set_random_seed(key[1] % 2**32)
             self._rng_owner = key
 
-    def __call__(self, image: np.ndarray, depth: np.ndarray, label: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, image: np.ndarray, depth: np.ndarray, label: np.ndarray,
+                 depth_target: np.ndarray | None = None) -> dict[str, np.ndarray]:
         self._reseed_in_worker()
-        out = self.pipeline(image=image, mask=_shift_label(label), depth=depth.astype(np.float32, copy=False))
+        arrays = {"image": image, "mask": _shift_label(label), "depth": depth.astype(np.float32, copy=False)}
+        if depth_target is not None:  # a teacher's depth for the loss moves with the sensor's
+            arrays["depth_target"] = depth_target.astype(np.float32, copy=False)
+        out = self.pipeline(**arrays)
         depth_out = np.ascontiguousarray(out["depth"], dtype=np.float32)
+        target = depth_out if depth_target is None else np.ascontiguousarray(out["depth_target"], dtype=np.float32)
         return {
             "image": np.ascontiguousarray(out["image"]),
-            "depth": depth_out,
+            "depth": target,
             "label": np.ascontiguousarray(_unshift_label(out["mask"])),
             "depth_input": depth_out,
         }
@@ -162,33 +168,16 @@ class EvalTransform:
             additional_targets={"depth_input": "mask"},
         )
 
-    def __call__(self, image: np.ndarray, depth: np.ndarray, label: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, image: np.ndarray, depth: np.ndarray, label: np.ndarray,
+                 depth_target: np.ndarray | None = None) -> dict[str, np.ndarray]:
         depth = depth.astype(np.float32, copy=False)
         out = self.pipeline(image=image, depth_input=depth)
         return {
             "image": np.ascontiguousarray(out["image"]),
-            "depth": depth,
+            "depth": depth if depth_target is None else depth_target,
             "label": label,
             "depth_input": np.ascontiguousarray(out["depth_input"], dtype=np.float32),
         }
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(input_size={self.input_size})"
-
-
-def train_transform(
-    input_size: tuple[int, int],
-    crop_size: tuple[int, int],
-    hflip: float = 0.5,
-    scale_limit: float = 0.1,
-    rotate_limit: float = 5.0,
-    color_jitter: float = 0.2,
-    seed: int | None = None,
-) -> TrainTransform:
-    """The training augmentation; see :class:`TrainTransform` for the arguments."""
-    return TrainTransform(input_size, crop_size, hflip, scale_limit, rotate_limit, color_jitter, seed)
-
-
-def eval_transform(input_size: tuple[int, int]) -> EvalTransform:
-    """The evaluation transform; see :class:`EvalTransform`."""
-    return EvalTransform(input_size)

@@ -1,4 +1,4 @@
-"""Rendering of :class:`kfold.data.rooms.Room` views for :mod:`kfold.data.synthetic`.
+"""Rendering of :class:`kfold.data.synthetic.rooms.Room` views for :mod:`kfold.data.synthetic`.
 
 Views are rendered by vectorised ray casting (slab tests of all pixels of a box's screen rectangle at once)
 and shaded into RGB, Kinect-like millimetre depth with noise and holes, and 13-class labels.
@@ -6,10 +6,12 @@ and shaded into RGB, Kinect-like millimetre depth with noise and holes, and 13-c
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from kfold.data.layout import IGNORE_INDEX
-from kfold.data.rooms import _NOISE, PARAMS, Room
+from kfold.data.synthetic.rooms import _NOISE, PARAMS, Room
 
 
 def _camera(rng: np.random.Generator, room: Room) -> tuple[np.ndarray, np.ndarray]:
@@ -204,8 +206,29 @@ def _labels(rng, room: Room, index: np.ndarray) -> np.ndarray:
     return label
 
 
-def render_view(rng: np.random.Generator, room: Room, size: tuple[int, int]):
-    """Render one random view of ``room``: (rgb uint8 (H, W, 3), depth mm uint16 (H, W), label uint8 (H, W))."""
+class View(NamedTuple):
+    """One rendered view: what the sensor gives, the labels, and what a depth teacher would predict."""
+
+    rgb: np.ndarray  # uint8 (H, W, 3)
+    depth: np.ndarray  # uint16 (H, W) millimetres, Kinect-like noise and holes (0)
+    label: np.ndarray  # uint8 (H, W) class ids, 255 = ignore
+    teacher: np.ndarray  # uint16 (H, W) millimetres, no holes
+
+
+def teacher_depth(depth_m: np.ndarray) -> np.ndarray:
+    """A metric-depth teacher's prediction: dense (no holes, it sees glass) but biased.
+
+    The scale error drifts from -3 % at the left edge to +3 % at the right, as a monocular teacher's error
+    varies across an image; a deterministic function of the ray-cast depth, so it draws nothing from the
+    view's generator and the other arrays are unchanged by it.
+    """
+    W = depth_m.shape[1]
+    scale = 1.0 + np.float32(0.06) * (np.arange(W, dtype=np.float32) / max(W - 1, 1) - np.float32(0.5))
+    return np.round(depth_m * scale[None, :] * 1000).clip(0, 65535).astype(np.uint16)
+
+
+def render_view(rng: np.random.Generator, room: Room, size: tuple[int, int]) -> View:
+    """Render one random view of ``room`` (see :class:`View`)."""
     H, W = size
     for _ in range(8):  # re-draw views that stare at a surface from up close
         o, rot = _camera(rng, room)
@@ -214,4 +237,5 @@ def render_view(rng: np.random.Generator, room: Room, size: tuple[int, int]):
         if np.median(view[0][::4, ::4]) > 1.2:
             break
     rgb, cos_view, dropout = _shade(rng, room, o, view)
-    return rgb, _kinect_depth(rng, view[0], cos_view, dropout), _labels(rng, room, view[1])
+    depth = _kinect_depth(rng, view[0], cos_view, dropout)
+    return View(rgb, depth, _labels(rng, room, view[1]), teacher_depth(view[0]))

@@ -1,9 +1,10 @@
-"""Procedural indoor RGB-D rooms: the embedded default dataset (NYUv2-13 classes, contract layout).
+"""Writing a synthetic dataset root: rooms rendered view by view, PNGs written by a background thread.
 
 Each room is a box (floor, ceiling, four walls) furnished with axis-aligned boxes: beds, sofas, tables,
 chairs, cabinets and shelves with books, a tv, pictures, windows, doors and small objects. Views are
 rendered by vectorised ray casting (slab tests of all pixels of a box's screen rectangle at once) and
-written as RGB, 16-bit millimetre depth with Kinect-like noise and holes, and 13-class labels.
+written as RGB, 16-bit millimetre depth with Kinect-like noise and holes, 13-class labels and, for train
+images, a depth teacher's prediction (`train/teacher_depths/`: dense, with a few per cent of scale error).
 
 Example:
     python -m kfold.data.synthetic --out data/synthetic --train 400 --test 100 --size 240x320
@@ -24,12 +25,12 @@ import numpy as np
 from tqdm import tqdm
 
 from kfold.data.layout import DEFAULT_CLASSES, IGNORE_INDEX
-from kfold.data.render import render_view
-from kfold.data.rooms import build_room
+from kfold.data.synthetic.render import render_view
+from kfold.data.synthetic.rooms import build_room
 from foldwise.cli import ArgumentParser, run_entry_point
 from foldwise.io import atomic_path, staged_folder, write_text
 
-__all__ = ["build_room", "generate", "main", "render_view"]
+
 
 _PNG_OPTIONS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]
 
@@ -112,9 +113,12 @@ def _write_rooms(out: Path, n_train, n_test, size, seed, views_per_room, progres
             room = build_room(rng)
             for view in range(views):
                 image_id = f"r{room_index:04d}_v{view}"
-                rgb, depth, label = render_view(rng, room, size)
+                rgb, depth, label, teacher = render_view(rng, room, size)
                 label_dir = out / "train" / "labels" if split == "train" else out / "test_labels"
-                for path, array in ((out / split / "images", rgb), (out / split / "depths", depth), (label_dir, label)):
+                arrays = [(out / split / "images", rgb), (out / split / "depths", depth), (label_dir, label)]
+                if split == "train":  # a depth teacher's prediction, for loss.depth_target teacher / hybrid
+                    arrays.append((out / "train" / "teacher_depths", teacher))
+                for path, array in arrays:
                     pending.append(writer.submit(_write_png, path / f"{image_id}.png", array))
                 while len(pending) > 12:
                     pending.popleft().result()

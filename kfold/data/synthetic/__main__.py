@@ -1,0 +1,5 @@
+import sys
+
+from kfold.data.synthetic.writer import main
+
+sys.exit(main())
