@@ -1,6 +1,6 @@
 """Blend optimisation: ours against SLSQP with finite differences and Nelder-Mead on the full-resolution mIoU.
 
-Both sides optimise the same on-disk OOF stores (three fake experiments in the ``kfold/predict.py`` format,
+Both sides optimise the same on-disk OOF stores (three fake experiments in the ``kfold.store.write`` format,
 complementary per class, with different confidences so that uniform weights are not the optimum):
 
 * ours: ``ensemble.stores.open_members`` + ``build_sample`` (class-stratified pixel sample) +
@@ -30,7 +30,7 @@ import scipy.optimize
 import torch.nn.functional as F
 from common import complementary_models, fmt_s, make_root, note, parse_args, pick, result, write_fake_experiment
 
-from ensemble.optimize import fit_blend
+from ensemble.optimize import BlendOptions, fit_blend
 from ensemble.stores import Members, build_sample, open_members, score_full_res
 from kfold.metrics import mean_iou
 
@@ -112,10 +112,11 @@ def run_case(runs: Path, n_models: int, cfg: dict) -> None:
     members, _ = open_members(runs, names)
     sample = build_sample(members, cfg["pixels"], seed=0, chunk=32)
     t_sample = time.perf_counter() - t0
-    fit = fit_blend(sample.probs, sample.labels, sample.weights, C, "slsqp", fit_temperature=False)
+    fit = fit_blend(sample.probs, sample.labels, sample.weights, C, BlendOptions("slsqp", fit_temperature=False))
     t_ours = time.perf_counter() - t0
-    fit_t = fit_blend(sample.probs, sample.labels, sample.weights, C, "slsqp", fit_temperature=True)
-    fit_pc = fit_blend(sample.probs, sample.labels, sample.weights, C, "slsqp", fit_temperature=False, per_class=True)
+    fit_t = fit_blend(sample.probs, sample.labels, sample.weights, C, BlendOptions("slsqp", fit_temperature=True))
+    fit_pc = fit_blend(sample.probs, sample.labels, sample.weights, C,
+                       BlendOptions("slsqp", fit_temperature=False, per_class=True))
 
     t0 = time.perf_counter()
     probs, labels = load_full(members, 32)

@@ -1,12 +1,12 @@
 """OOF store: bytes per image, write and chunked-read throughput, and peak memory while scoring.
 
-* bytes per image: a written ``oof.npy`` (float16 at half scale, as ``kfold/predict.py`` stores it) against
+* bytes per image: a written ``oof.npy`` (float16 at half scale, as ``kfold.store.write`` stores it) against
   float32 probabilities at full label resolution;
-* write: ``kfold.predict.open_npy`` filled batch by batch (how ``predict_fold`` streams rows; flushed and
+* write: ``kfold.store.write.open_npy`` filled batch by batch (how ``predict_fold`` streams rows; flushed and
   renamed) against one ``np.save`` of the same array;
 * read: ``ExperimentStore.iter_oof`` (memory-mapped, chunk by chunk, float32 out; with and without the
   value checks) against ``np.load`` of the same files. Both read from the page cache (files just written);
-* peak memory, each in a fresh subprocess: ``kfold.oof.score_experiment`` on a store at least four chunks
+* peak memory, each in a fresh subprocess: ``kfold.store.read.score_experiment`` on a store at least four chunks
   large against loading the whole store with ``np.load`` and scoring it in memory. Reported: the peak
   growth of anonymous memory (heap; sampled every millisecond) and of the whole resident set (exact
   ``VmHWM`` after a reset, including the store's pages mapped by the memmap, which the kernel can drop).
@@ -30,8 +30,8 @@ from common import best_time, complementary_models, make_root, parse_args, pick,
 
 from kfold.data.layout import open_root
 from kfold.metrics import confusion_matrix, mean_iou
-from kfold.oof import full_res_argmax, open_experiment, score_experiment
-from kfold.predict import open_npy
+from kfold.store.read import full_res_argmax, open_experiment, score_experiment
+from kfold.store.write import open_npy
 
 C = 13
 MB = 2**20
@@ -77,7 +77,7 @@ def peak_child(how: str, runs: str, root_path: str, chunk: int) -> int:
         miou = score_experiment(store, root, chunk=chunk)["miou"]
     else:
         ids = [i for fa in store.fold_arrays for i in fa.oof_ids]
-        probs = np.concatenate([np.load(fa.path / fa.manifest["oof"]["file"]) for fa in store.fold_arrays])
+        probs = np.concatenate([np.load(fa.path / fa.manifest.oof["file"]) for fa in store.fold_arrays])
         labels = np.stack([root.label("train", i) for i in ids])
         pred = full_res_argmax(torch.from_numpy(probs), store.image_size).numpy()
         miou = mean_iou(confusion_matrix(labels, pred, C))
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_fake_experiment(tmp / "runs", "exp", root, skill, confidence, seed=1)
         store = open_experiment(tmp / "runs", "exp")
         (H, W), (h, w) = store.image_size, store.store_size
-        files = [fa.path / fa.manifest["oof"]["file"] for fa in store.fold_arrays]
+        files = [fa.path / fa.manifest.oof["file"] for fa in store.fold_arrays]
         store_bytes = sum(f.stat().st_size for f in files)
         full32 = C * H * W * 4
         result("oof", f"bytes/image, store {h}x{w} f16", f"{store_bytes / n / 1024:.1f} KiB", "float32 full-res",

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 from common import complementary_models, fake_probs, note, parse_args, pick, result
 
-from ensemble.optimize import fit_blend
+from ensemble.optimize import BlendOptions, fit_blend
 from ensemble.sampling import gather_pixels, stratified_pixel_sample
 
 C = 13
@@ -68,7 +68,7 @@ def sample_and_fit(stores: list[np.ndarray], labels: np.ndarray, n_pixels: int) 
     probs = [gather_pixels(s, index, size) for s in stores]
     sample_labels = labels.reshape(-1)[index].astype(np.int64)
     t1 = time.perf_counter()
-    fit = fit_blend(probs, sample_labels, weights, C, "slsqp", fit_temperature=True)
+    fit = fit_blend(probs, sample_labels, weights, C, BlendOptions("slsqp", fit_temperature=True))
     return t1 - t0, time.perf_counter() - t1, fit
 
 
@@ -96,7 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows[m] = []
         for p in sample_sizes:
             probs = [s[0, :, 0, :p].T.astype(np.float32) for s in pool[:m]]
-            fit = fit_blend(probs, pool_labels[:p].astype(np.int64), np.ones(p), C, "slsqp", fit_temperature=True)
+            fit = fit_blend(probs, pool_labels[:p].astype(np.int64), np.ones(p), C,
+                            BlendOptions("slsqp", fit_temperature=True))
             rows[m].append(fit.seconds)
     table("fit_blend seconds (slsqp + temperatures) by sample pixels", [f"{p:,} px" for p in sample_sizes], rows)
 

@@ -24,8 +24,9 @@ import torch
 from foldwise.io import write_json, write_text
 from kfold.data.layout import open_root
 from kfold.data.synthetic import generate
-from kfold.predict import open_npy, store_manifest
 from kfold.splits import ensure_folds, folds_sha256, read_folds
+from kfold.store.format import StoreManifest
+from kfold.store.write import open_npy
 
 MODES = ("full", "quick", "tiny")
 
@@ -155,7 +156,7 @@ def complementary_models(n_models: int, num_classes: int, seed: int = 0) -> list
 
 def write_fake_experiment(runs: Path, name: str, root_path: Path, skill: np.ndarray, confidence: float,
                           seed: int, scale: float = 0.5) -> None:
-    """One complete experiment store (every fold), in the on-disk format ``kfold/predict.py`` writes.
+    """One complete experiment store (every fold), in the on-disk format ``kfold.store.write`` writes.
 
     Probabilities come from :func:`fake_probs` on the labels nearest-downsampled to the store size.
     """
@@ -183,6 +184,8 @@ def write_fake_experiment(runs: Path, name: str, root_path: Path, skill: np.ndar
                     part = ids[start : start + 32]
                     out[start : start + len(part)] = fake_probs(small(label_split, part), skill, confidence, rng)
             write_text(d / f"{split}_ids.txt", "".join(f"{i}\n" for i in ids))
-        write_json(d / "manifest.json", store_manifest(
-            name, f, k, len(folds), root.classes, (H, W), (h, w), scale, len(val), len(root.test_ids),
-            {"scales": [1.0], "hflip": False, "temperature": 1.0}, [1.0], sha, root.path))
+        write_json(d / "manifest.json", StoreManifest.new(
+            experiment=name, fold=f, k_folds=k, n_train=len(folds), classes=root.classes, image_size=(H, W),
+            store_size=(h, w), oof_scale=scale, n_oof=len(val), n_test=len(root.test_ids),
+            tta={"scales": [1.0], "hflip": False, "temperature": 1.0}, temperatures=[1.0], folds_sha256=sha,
+            data_root=root.path).to_dict())

@@ -28,14 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from ensemble.nested import default_workers, fit_pool, nested_cv
-from ensemble.optimize import METHODS, fit_blend
+from ensemble.nested import FoldResult, default_workers, fit_pool, nested_cv
+from ensemble.optimize import METHODS, BlendOptions, BlendResult, fit_blend
 from ensemble.plots import plot_per_class, plot_weights
 from ensemble.stores import Members, build_sample, open_members, predict_test, score_full_res
 from foldwise.cli import ArgumentParser, run_entry_point
 from foldwise.io import write_json
+from foldwise.leaderboard import leaderboard_row
 from kfold.metrics import iou_per_class, mean_iou, pixel_accuracy
-from submissions.leaderboard import upsert_leaderboard
+from submissions.leaderboard import sync_experiment_rows, upsert_leaderboard
 from submissions.score import score_submission
 from submissions.writer import write_submission
 
@@ -101,17 +102,83 @@ def method_label(method: str, per_class: bool) -> str:
     return method + ("-per-class" if per_class else "")
 
 
+class Laps:
+    """Seconds per named step, for the timings line."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def __call__(self, step: str) -> None:
+        now = time.perf_counter()
+        self.seconds[step], self._clock = now - self._clock, now
+
+
+def fit_with_nested(sample: Any, num_classes: int, folds: int, options: BlendOptions, workers: int | None
+                    ) -> tuple[BlendResult, list[FoldResult]]:
+    """The in-sample fit and the nested-CV fits; independent, so with a pool they run side by side."""
+    fit_args = (sample.probs, sample.labels, sample.weights, num_classes, options)
+    pool = fit_pool(workers or default_workers(folds + 1))
+    try:
+        in_sample = pool.submit(fit_blend, *fit_args) if pool else None
+        _, nested = nested_cv(sample.probs, sample.labels, sample.weights, sample.fold, num_classes, options, pool)
+        fit = in_sample.result() if in_sample else fit_blend(*fit_args)
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    if sorted(r.fold for r in nested) != list(range(folds)):
+        raise ValueError(f"the pixel sample misses fold(s) {sorted(set(range(folds)) - {r.fold for r in nested})}; "
+                         f"raise --pixels")
+    return fit, nested
+
+
+def score_oof(members: Members, fit: BlendResult, nested: list[FoldResult], chunk: int) -> dict[str, np.ndarray]:
+    """Full-resolution OOF confusion matrices of the blend, its nested estimate and each member.
+
+    Per-class weights: the global blend they started from is scored too, in-sample and nested, so the
+    report shows what the extra weights add.
+    """
+    k = members.folds
+    blends = {"blend": dict.fromkeys(range(k), (fit.weights, fit.temperatures)),
+              "nested": {r.fold: (r.fit.weights, r.fit.temperatures) for r in nested}}
+    if "global" in fit.candidate_params and all("global" in r.fit.candidate_params for r in nested):
+        blends["global"] = dict.fromkeys(range(k), fit.candidate_params["global"])
+        blends["global_nested"] = {r.fold: r.fit.candidate_params["global"] for r in nested}
+    return score_full_res(members, blends, chunk, score_members=True)
+
+
+def submit_and_score(members: Members, fit: BlendResult, args: argparse.Namespace, csv_path: Path,
+                     laps: Laps) -> tuple[Any, dict[str, Any] | None]:
+    """Write (or, dry run, only check) the submission; score it and each member on the test labels, if any."""
+    C = members.num_classes
+    if not members.root.test_ids:
+        raise ValueError(f"{members.root.path}: no test images to predict")
+    cm = member_cms = None
+    if members.root.has_test_labels:
+        cm, member_cms = np.zeros((C, C), dtype=np.int64), [np.zeros((C, C), dtype=np.int64) for _ in members.names]
+    sample_sub = members.root.path / "sample_submission.csv"
+    test_probs = predict_test(members, (fit.weights, fit.temperatures), args.chunk, cm, member_cms)
+    summary = write_submission(csv_path, test_probs, C, args.order, sample_sub if sample_sub.is_file() else None,
+                               members.root.test_ids, args.dry_run)
+    laps("submission")
+    if cm is None:
+        return summary, None
+    labels_dir = members.root.path / "test_labels"
+    if args.dry_run:  # nothing written: score the class maps directly
+        test = {"miou": mean_iou(cm), "pixel_acc": pixel_accuracy(cm), "source": "direct (dry run)"}
+    else:  # score what was written, as the leaderboard would
+        s = score_submission(csv_path, labels_dir, C, args.order, members.root.class_map)
+        test = {"miou": s["miou"], "pixel_acc": s["pixel_acc"], "source": f"{csv_path} vs {labels_dir}"}
+    # Each member alone on the same test images (fold-averaged probabilities, T = 1).
+    test["members"] = {n: {"miou": mean_iou(m), "pixel_acc": pixel_accuracy(m)}
+                       for n, m in zip(members.names, member_cms)}
+    laps("test score")
+    return summary, test
+
+
 def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -> dict[str, Any]:
     """Fit, score and write one blend; return its record (what ``<name>.json`` holds)."""
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(step: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[step] = now - clock
-        clock = now
-
+    laps = Laps()
     members, skipped = open_members(args.runs_dir, args.runs, args.data_root)
     for line in skipped:
         log(line)
@@ -120,64 +187,20 @@ def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -
         raise ValueError(f"--pixels {args.pixels} must be >= the number of classes ({C})")
     log(f"blending {', '.join(names)}: {k} folds, {len(members.ids)} train / {len(members.test_ids)} test images, "
         f"grid {members.grid} -> {members.image_size}, root {members.root.path}")
-    lap("load")
-
+    laps("load")
     sample = build_sample(members, args.pixels, args.seed, args.chunk)
-    lap("sample")
-    fit_kw = {"fit_temperature": not args.no_temperature, "seed": args.seed, "per_class": args.per_class}
-    fit_args = (sample.probs, sample.labels, sample.weights, C, args.method)
-    # The in-sample fit and the k nested fits are independent: with a pool they run side by side.
-    pool = fit_pool(args.workers or default_workers(k + 1))
-    try:
-        in_sample = pool.submit(fit_blend, *fit_args, **fit_kw) if pool else None
-        _, folds = nested_cv(sample.probs, sample.labels, sample.weights, sample.fold, C, args.method, pool,
-                             **fit_kw)
-        fit = in_sample.result() if in_sample else fit_blend(*fit_args, **fit_kw)
-    finally:
-        if pool:
-            pool.shutdown(cancel_futures=True)
+    laps("sample")
+    options = BlendOptions(args.method, fit_temperature=not args.no_temperature, per_class=args.per_class,
+                           seed=args.seed)
+    fit, nested = fit_with_nested(sample, C, k, options, args.workers)
     log(fit.message)
-    if sorted(r.fold for r in folds) != list(range(k)):
-        raise ValueError(f"the pixel sample misses fold(s) {sorted(set(range(k)) - {r.fold for r in folds})}; "
-                         f"raise --pixels")
-    lap("fit + nested")
-
-    params = (fit.weights, fit.temperatures)
-    blends = {"blend": dict.fromkeys(range(k), params),
-              "nested": {r.fold: (r.fit.weights, r.fit.temperatures) for r in folds}}
-    # Per-class weights: the global blend they started from is scored too, in-sample and nested, so the
-    # report shows what the extra weights add.
-    has_global = "global" in fit.candidate_params and all("global" in r.fit.candidate_params for r in folds)
-    if has_global:
-        blends["global"] = dict.fromkeys(range(k), fit.candidate_params["global"])
-        blends["global_nested"] = {r.fold: r.fit.candidate_params["global"] for r in folds}
-    cms = score_full_res(members, blends, args.chunk, score_members=True)
-    lap("full-res scoring")
-
+    laps("fit + nested")
+    cms = score_oof(members, fit, nested, args.chunk)
+    laps("full-res scoring")
     name = args.name or default_name(method_label(args.method, args.per_class), names)
-    out_dir = Path(args.out_dir)
-    csv_path = out_dir / f"{name}.csv"
-    sample_sub = members.root.path / "sample_submission.csv"
-    if not members.root.test_ids:
-        raise ValueError(f"{members.root.path}: no test images to predict")
-    cm = member_cms = None
-    if members.root.has_test_labels:
-        cm, member_cms = np.zeros((C, C), dtype=np.int64), [np.zeros((C, C), dtype=np.int64) for _ in names]
-    summary = write_submission(csv_path, predict_test(members, params, args.chunk, cm, member_cms), C, args.order,
-                               sample_sub if sample_sub.is_file() else None, members.root.test_ids, args.dry_run)
-    lap("submission")
-    test = None
-    if cm is not None:
-        labels_dir = members.root.path / "test_labels"
-        if args.dry_run:  # nothing written: score the class maps directly
-            test = {"miou": mean_iou(cm), "pixel_acc": pixel_accuracy(cm), "source": "direct (dry run)"}
-        else:  # score what was written, as the leaderboard would
-            s = score_submission(csv_path, labels_dir, C, args.order, members.root.class_map)
-            test = {"miou": s["miou"], "pixel_acc": s["pixel_acc"], "source": f"{csv_path} vs {labels_dir}"}
-        # Each member alone on the same test images (fold-averaged probabilities, T = 1).
-        test["members"] = {n: {"miou": mean_iou(m), "pixel_acc": pixel_accuracy(m)} for n, m in zip(names, member_cms)}
-        lap("test score")
-
+    csv_path = Path(args.out_dir) / f"{name}.csv"
+    summary, test = submit_and_score(members, fit, args, csv_path, laps)
+    has_global = "global" in cms
     record = {
         "name": name, "method": args.method, "per_class": args.per_class, "members": names,
         "classes": list(classes), "folds": k,
@@ -188,7 +211,7 @@ def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -
         "oof": _scores(cms["blend"], classes), "nested": _scores(cms["nested"], classes),
         "nested_folds": [{"fold": r.fold, "weights": r.fit.weights.tolist(),
                           "temperatures": r.fit.temperatures.tolist(), "chosen": r.fit.chosen,
-                          "sample_miou_heldout": r.miou} for r in folds],
+                          "sample_miou_heldout": r.miou} for r in nested],
         "member_scores": {n: _scores(cms[n], classes) for n in names},
         "global": None if not has_global else {
             "weights": fit.candidate_params["global"][0].tolist(),
@@ -196,10 +219,10 @@ def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -
             "oof": _scores(cms["global"], classes), "nested": _scores(cms["global_nested"], classes)},
         "test": test, "sample_pixels": len(sample.labels), "seed": args.seed, "order": args.order,
         "submission": str(csv_path), "written": summary.written, "data_root": str(members.root.path),
-        "timings_s": timings, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "timings_s": laps.seconds, "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     if not args.dry_run:
-        _write_outputs(record, members, out_dir)
+        _write_outputs(record, members, Path(args.out_dir))
     return record
 
 
@@ -212,24 +235,19 @@ def _write_outputs(record: dict[str, Any], members: Members, out_dir: Path) -> N
     plot_per_class(classes, per_model, list(record["oof"]["per_class_iou"].values()),
                    out_dir / "plots" / f"{name}_per_class.png", f"{name}: OOF per-class IoU")
     board = out_dir / "leaderboard.csv"
-    iou = {f"iou_{c}": _num(v) for c, v in record["oof"]["per_class_iou"].items()}
-    upsert_leaderboard({
-        "name": name, "kind": "blend", "members": names, "weights": np.round(record["weights"], 4).tolist(),
-        "temperatures": [round(t, 4) for t in record["temperatures"]], "oof_miou": record["oof"]["miou"],
-        "oof_miou_nested": record["nested"]["miou"], "pixel_acc": record["oof"]["pixel_acc"], **iou,
-        "submission": record["submission"], "created": record["created"],
-    }, board)
+    upsert_leaderboard(leaderboard_row(
+        name=name, kind="blend", members=names, weights=np.round(record["weights"], 4).tolist(),
+        temperatures=[round(t, 4) for t in record["temperatures"]], oof_miou=record["oof"]["miou"],
+        oof_miou_nested=record["nested"]["miou"], pixel_acc=record["oof"]["pixel_acc"],
+        per_class_iou=record["oof"]["per_class_iou"], submission=record["submission"], created=record["created"]),
+        board)
+    reported = sync_experiment_rows(members.stores[0].path.parent, board, names)
     for store in members.stores:
-        row_file = store.path / "leaderboard_row.json"
-        if row_file.is_file():
-            row = json.loads(row_file.read_text())
-        else:  # no kfold/report.py run yet: the row from this blend's full-resolution score of the store
+        if store.name not in reported:  # no kfold.report run yet: this blend's full-resolution score of the store
             s = record["member_scores"][store.name]
-            row = {"name": store.name, "kind": "experiment", "members": store.name, "weights": "1",
-                   "temperatures": "1", "oof_miou": s["miou"], "oof_miou_nested": s["miou"],
-                   "pixel_acc": s["pixel_acc"], **{f"iou_{c}": _num(v) for c, v in s["per_class_iou"].items()},
-                   "submission": ""}
-        upsert_leaderboard(row, board)
+            upsert_leaderboard(leaderboard_row(name=store.name, kind="experiment", members=store.name,
+                                               oof_miou=s["miou"], oof_miou_nested=s["miou"], pixel_acc=s["pixel_acc"],
+                                               per_class_iou=s["per_class_iou"]), board)
 
 
 def format_table(record: dict[str, Any]) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from ensemble.optimize import BlendResult, fit_blend, score_blend
+from ensemble.optimize import BlendOptions, BlendResult, fit_blend, score_blend
 from kfold.metrics import mean_iou
 
 
@@ -54,13 +54,11 @@ def fit_held_out(
     pixel_fold: np.ndarray,
     fold: int,
     num_classes: int,
-    method: str,
-    fit_kwargs: dict,
+    options: BlendOptions,
 ) -> FoldResult:
     """Fit a blend on every fold but ``fold`` and score it on ``fold`` (one outer fold of ``nested_cv``)."""
     train, held_out = pixel_fold != fold, pixel_fold == fold
-    fit = fit_blend([p[train] for p in model_probs], labels[train], sample_weight[train], num_classes, method,
-                    **fit_kwargs)
+    fit = fit_blend([p[train] for p in model_probs], labels[train], sample_weight[train], num_classes, options)
     cm = score_blend([p[held_out] for p in model_probs], labels[held_out], sample_weight[held_out], fit.weights,
                      fit.temperatures, num_classes)
     return FoldResult(fold=int(fold), fit=fit, confusion=cm, miou=float(mean_iou(cm)))
@@ -72,16 +70,15 @@ def nested_cv(
     sample_weight: np.ndarray,
     pixel_fold: np.ndarray,
     num_classes: int,
-    method: str = "slsqp",
+    options: BlendOptions | None = None,
     executor: Executor | None = None,
-    **fit_kwargs,
 ) -> tuple[np.ndarray, list[FoldResult]]:
     """Nested-CV estimate of a blend: fit on the other folds' pixels, score each held-out fold.
 
     Args:
         model_probs, labels, sample_weight, num_classes: as in ``fit_blend``.
         pixel_fold: (P,) fold id of each sample pixel (the fold of its image).
-        method: fitting method; ``fit_kwargs`` go to ``fit_blend``.
+        options: how ``fit_blend`` fits (default: ``BlendOptions()``).
         executor: runs the folds' fits (e.g. ``fit_pool``); None fits them one after another here. The
             results are the same either way: every fit is deterministic and single-threaded.
 
@@ -95,15 +92,16 @@ def nested_cv(
     if len(folds) < 2:
         raise ValueError(f"nested CV needs >= 2 folds, pixel_fold holds {folds.tolist()}")
     args = (model_probs, labels, sample_weight, pixel_fold)
+    options = options or BlendOptions()
     bar = tqdm(total=len(folds), desc="blend: nested CV", unit="fold", leave=False, disable=None)
     if executor is None:
         results = []
         for f in folds:
-            results.append(fit_held_out(*args, int(f), num_classes, method, fit_kwargs))
+            results.append(fit_held_out(*args, int(f), num_classes, options))
             bar.update()
             bar.set_postfix(heldout_miou=f"{results[-1].miou:.4f}")
     else:
-        futures: list[Future] = [executor.submit(fit_held_out, *args, int(f), num_classes, method, fit_kwargs)
+        futures: list[Future] = [executor.submit(fit_held_out, *args, int(f), num_classes, options)
                                  for f in folds]
         for done in as_completed(futures):
             bar.update()

@@ -21,6 +21,7 @@ import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import scipy.optimize
@@ -202,30 +203,15 @@ def _fit_slsqp(
     return w, np.exp(log_t), msg
 
 
-def fit_blend(
-    model_probs: Sequence[np.ndarray],
-    labels: np.ndarray,
-    sample_weight: np.ndarray,
-    num_classes: int,
-    method: str = "slsqp",
-    fit_temperature: bool = True,
-    seed: int = 0,
-    rounds: int = 25,
-    max_polish_evals: int = 100,
-    sharpness: Sequence[float] = (0.3, 0.1),
-    surrogate_pixels: int = 50_000,
-    num_threads: int | None = 1,
-    per_class: bool = False,
-) -> BlendResult:
-    """Fit blend weights (and temperatures) on sample pixels, never ending below uniform / best single.
+@dataclass(frozen=True)
+class BlendOptions:
+    """How :func:`fit_blend` fits.
 
     Args:
-        model_probs: one (P, C) float32 probability array per model.
-        labels: (P,) int64 class ids in [0, C).
-        sample_weight: (P,) positive pixel weights (population / sample class counts; ones if unweighted).
-        num_classes: C.
         method: "slsqp" (surrogate + polish), "hillclimb" (greedy selection) or "uniform".
         fit_temperature: fit one temperature per model (slsqp: jointly; hillclimb: NLL temperature scaling).
+        per_class: slsqp only: after the global fit, fit (M, C) per-class weights starting from it; the
+            global blend stays a candidate ("global") and wins unless per-class weights score strictly higher.
         seed: hillclimb tie-breaking and the slsqp surrogate subsample.
         rounds: hillclimb rounds (weights are counts / rounds).
         max_polish_evals: true-mIoU evaluation budget of the slsqp polish (x C for per-class weights).
@@ -233,62 +219,113 @@ def fit_blend(
             the per-class stage runs only the last one.
         surrogate_pixels: at most this many sample pixels (a uniform subsample) feed the slsqp surrogate.
         num_threads: torch intra-op threads during the fit (restored after); None keeps the current setting.
-        per_class: slsqp only: after the global fit, fit (M, C) per-class weights starting from it; the
-            global blend stays a candidate ("global") and wins unless per-class weights score strictly higher.
     """
-    if method not in METHODS:
-        raise ValueError(f"method={method!r}: expected one of {METHODS}")
-    if per_class and method != "slsqp":
-        raise ValueError(f"per-class weights are fitted by method 'slsqp', not {method!r}")
+
+    method: str = "slsqp"
+    fit_temperature: bool = True
+    per_class: bool = False
+    seed: int = 0
+    rounds: int = 25
+    max_polish_evals: int = 100
+    sharpness: tuple[float, ...] = (0.3, 0.1)
+    surrogate_pixels: int = 50_000
+    num_threads: int | None = 1
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}: expected one of {METHODS}")
+        if self.per_class and self.method != "slsqp":
+            raise ValueError(f"per-class weights are fitted by method 'slsqp', not {self.method!r}")
+
+
+class MethodFit(NamedTuple):
+    """What one method found: its weights and temperatures, where it started, and extra candidates."""
+
+    weights: np.ndarray
+    temperatures: np.ndarray
+    start_miou: float
+    moved: bool
+    message: str
+    extra: dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def _fit_uniform(ev: Evaluator, model_probs, labels, sample_weight, opts: BlendOptions) -> MethodFit:
+    m = ev.n_models
+    w = np.full(m, 1.0 / m)
+    return MethodFit(w, np.ones(m), ev.miou(w, np.ones(m)), False, f"uniform weights, T=1 ({m} models)", {})
+
+
+def _fit_hillclimb(ev: Evaluator, model_probs, labels, sample_weight, opts: BlendOptions) -> MethodFit:
+    m = ev.n_models
+    temps = np.ones(m)
+    if opts.fit_temperature:
+        temps = np.array([fit_temperature_nll(p, labels, sample_weight) for p in model_probs])
+    weights, first, msg = hillclimb(ev, temps, opts.rounds, np.random.default_rng(opts.seed))
+    return MethodFit(weights, temps, ev.miou(np.eye(m)[first], np.ones(m)), not np.allclose(weights, np.eye(m)[first]),
+                     msg, {})
+
+
+def _fit_slsqp_method(ev: Evaluator, model_probs, labels, sample_weight, opts: BlendOptions) -> MethodFit:
+    m, num_classes = ev.n_models, ev.num_classes
+    uniform_w = np.full(m, 1.0 / m)
+    rng = np.random.default_rng(opts.seed)
+    weights, temps, msg = _fit_slsqp(ev, uniform_w, np.zeros(m), opts.fit_temperature, opts.max_polish_evals,
+                                     opts.sharpness, opts.surrogate_pixels, rng)
+    extra = {}
+    if opts.per_class:
+        extra["global"] = (weights, temps)
+        # From the global optimum one SLSQP run at the final sharpness does as well as the whole
+        # continuation (demo blend: 0.2211 in-sample, 0.2149 nested vs 0.2211, 0.2146; fit + nested
+        # 65 s vs 97 s).
+        w0 = np.repeat(weights[:, None], num_classes, axis=1)
+        weights, temps, msg_c = _fit_slsqp(ev, w0, np.log(temps), opts.fit_temperature,
+                                           opts.max_polish_evals * num_classes, opts.sharpness[-1:],
+                                           opts.surrogate_pixels, rng)
+        msg += f"; then {msg_c}"
+    moved = not (np.allclose(weights, 1.0 / m, rtol=0, atol=1e-9) and np.allclose(temps, 1, atol=1e-9))
+    return MethodFit(weights, temps, ev.miou(uniform_w, np.ones(m)), moved, msg, extra)
+
+
+FITTERS = {"uniform": _fit_uniform, "hillclimb": _fit_hillclimb, "slsqp": _fit_slsqp_method}
+
+
+def fit_blend(model_probs: Sequence[np.ndarray], labels: np.ndarray, sample_weight: np.ndarray, num_classes: int,
+              options: BlendOptions | None = None) -> BlendResult:
+    """Fit blend weights (and temperatures) on sample pixels, never ending below uniform / best single.
+
+    Args:
+        model_probs: one (P, C) float32 probability array per model.
+        labels: (P,) int64 class ids in [0, C).
+        sample_weight: (P,) positive pixel weights (population / sample class counts; ones if unweighted).
+        num_classes: C.
+        options: the method and its settings (default: global SLSQP with temperatures).
+    """
+    opts = options or BlendOptions()
     t0 = time.perf_counter()
-    with _torch_threads(num_threads):
+    with _torch_threads(opts.num_threads):
         ev = Evaluator(model_probs, labels, sample_weight, num_classes)
-        m = ev.n_models
-        uniform_w, ones = np.full(m, 1.0 / m), np.ones(m)
-        uniform = start = ev.miou(uniform_w, ones)
+        m, ones = ev.n_models, np.ones(ev.n_models)
         singles = [ev.miou(np.eye(m)[i], ones) for i in range(m)]
         best = int(np.argmax(singles))
-        params = {"uniform": (uniform_w, ones), f"best_single:{best}": (np.eye(m)[best], ones)}
-        candidates = {"uniform": uniform, f"best_single:{best}": singles[best]}
-        temps = ones.copy()
-        if m == 1 or method == "uniform":
-            weights, moved, msg = uniform_w, False, f"uniform weights, T=1 ({m} models)"
-        elif method == "hillclimb":
-            if fit_temperature:
-                temps = np.array([fit_temperature_nll(p, labels, sample_weight) for p in model_probs])
-            weights, first, msg = hillclimb(ev, temps, rounds, np.random.default_rng(seed))
-            start = singles[first]
-            moved = not np.allclose(weights, np.eye(m)[first])
-        else:
-            rng = np.random.default_rng(seed)
-            fit_args = (fit_temperature, max_polish_evals, sharpness, surrogate_pixels, rng)
-            weights, temps, msg = _fit_slsqp(ev, uniform_w, np.zeros(m), *fit_args)
-            if per_class:
-                params["global"], candidates["global"] = (weights, temps), ev.miou(weights, temps)
-                # From the global optimum one SLSQP run at the final sharpness does as well as the whole
-                # continuation (demo blend: 0.2211 in-sample, 0.2149 nested vs 0.2211, 0.2146; fit + nested
-                # 65 s vs 97 s).
-                w0 = np.repeat(weights[:, None], num_classes, axis=1)
-                budget = max_polish_evals * num_classes
-                weights, temps, msg_c = _fit_slsqp(ev, w0, np.log(temps), fit_temperature, budget, sharpness[-1:],
-                                                   surrogate_pixels, rng)
-                msg += f"; then {msg_c}"
-            moved = not (np.allclose(weights, 1.0 / m, rtol=0, atol=1e-9) and np.allclose(temps, 1, atol=1e-9))
-        params["optimiser"], candidates["optimiser"] = (weights, temps), ev.miou(weights, temps)
+        params = {"uniform": (np.full(m, 1.0 / m), ones), f"best_single:{best}": (np.eye(m)[best], ones)}
+        fitter = _fit_uniform if m == 1 else FITTERS[opts.method]
+        found = fitter(ev, model_probs, labels, sample_weight, opts)
+        params.update(found.extra)
+        params["optimiser"] = (found.weights, found.temperatures)
+        candidates = {name: ev.miou(w, t) for name, (w, t) in params.items()}
     # Strictly better or it loses: on ties the simpler blend wins (uniform, a single model, global weights,
     # then the optimiser's own result).
     chosen = "uniform"
     for name in (f"best_single:{best}", "global", "optimiser"):
         if name in candidates and candidates[name] > candidates[chosen]:
             chosen = name
-    if not moved:
-        msg += "; the optimiser did NOT move from its start point"
+    msg = found.message + ("" if found.moved else "; the optimiser did NOT move from its start point")
     w_out, t_out = params[chosen]
     return BlendResult(
         weights=np.asarray(w_out, dtype=np.float64), temperatures=np.asarray(t_out, dtype=np.float64),
-        miou=float(candidates[chosen]), start_miou=float(start),
-        moved=bool(moved), n_evals=ev.n_evals, seconds=time.perf_counter() - t0, method=method, chosen=chosen,
-        message=msg + f"; chosen {chosen}", candidates={k: float(v) for k, v in candidates.items()},
+        miou=float(candidates[chosen]), start_miou=float(found.start_miou),
+        moved=bool(found.moved), n_evals=ev.n_evals, seconds=time.perf_counter() - t0, method=opts.method,
+        chosen=chosen, message=msg + f"; chosen {chosen}", candidates={k: float(v) for k, v in candidates.items()},
         candidate_params={k: (np.asarray(w, dtype=np.float64), np.asarray(t, dtype=np.float64))
                           for k, (w, t) in params.items()},
     )

@@ -20,8 +20,9 @@ from ensemble.optimize import blend_probs
 from ensemble.sampling import gather_pixels, stratified_pixel_sample
 from kfold.data.layout import DataRoot, open_root
 from kfold.metrics import confusion_matrix
-from kfold.oof import ExperimentStore, StoreError, full_res_argmax, list_experiments, open_experiment
 from kfold.splits import FOLDS_FILE, folds_sha256
+from kfold.store.format import StoreError, list_experiments
+from kfold.store.read import ExperimentStore, full_res_argmax, open_experiment
 
 Params = tuple[Sequence[float], Sequence[float]]  # (weights, temperatures), one per member
 
@@ -267,7 +268,7 @@ def score_full_res(
                 cms[name] += confusion_matrix(labels[sel.numpy()], pred, C)
         if score_members:
             for name, p in zip(members.names, raw):
-                # From the stored resolution, exactly as kfold.oof.score_experiment scores a store.
+                # From the stored resolution, exactly as kfold.store.read.score_experiment scores a store.
                 cms[name] += confusion_matrix(labels, full_res_argmax(p, size).numpy(), C)
     return cms
 

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from foldwise.cli import ArgumentParser, run_entry_point
 from kfold.config import ConfigError, Recipe, build_recipe, load_recipe, parse_opts, set_key
 from kfold.launch import add_launcher_args, check_launcher_args, launch
-from kfold.rundir import clear_fold, describe_difference, fold_dir, is_complete, recipe_differences, write_config
+from kfold.rundir import clear_fold, describe_difference, fold_dir, recipe_differences, write_config
+from kfold.store.format import is_complete
 from kfold.validate import fit_recipe_to_root, validate_recipe
 
 if TYPE_CHECKING:
@@ -93,8 +94,8 @@ def run_fold(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[str, int],
     from kfold.distributed import barrier
     from kfold.models import load_weights, model_from_recipe
     from kfold.plots import plot_curves
-    from kfold.predict import predict_fold
     from kfold.splits import folds_sha256
+    from kfold.store.write import predict_fold
     from kfold.train import amp_dtype, fit_fold
 
     run_dir = fold_dir(args.out, recipe.name, fold)

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 from foldwise.io import atomic_path  # noqa: E402
 from kfold.data.layout import IGNORE_INDEX, DataRoot, read_depth, read_rgb  # noqa: E402
-from kfold.oof import ExperimentStore, full_res_argmax  # noqa: E402
+from kfold.store.read import ExperimentStore, full_res_argmax  # noqa: E402
 
 
 def save_figure(fig: plt.Figure, path: Path) -> None:

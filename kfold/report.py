@@ -14,7 +14,6 @@ import io
 import math
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,12 @@ import numpy as np
 
 from foldwise.cli import ArgumentParser, run_entry_point
 from foldwise.io import write_json, write_text
+from foldwise.leaderboard import leaderboard_row
 from kfold.data.layout import DataRoot
 from kfold.metrics import mean_iou, pixel_accuracy
-from kfold.oof import ExperimentStore, StoreError, list_experiments, open_experiment, resolve_root, score_experiment
 from kfold.plots import plot_qualitative, save_figure
+from kfold.store.format import StoreError, list_experiments
+from kfold.store.read import ExperimentStore, open_experiment, resolve_root, score_experiment
 
 POOLED = "pooled confusion matrices"
 MEAN_OF_FOLDS = "mean of fold mIoUs"
@@ -43,8 +44,8 @@ def temperature_table(store: ExperimentStore) -> tuple[list[dict[str, float]], s
     C = store.num_classes
     grids, cms = [], []
     for fa in store.fold_arrays:
-        grids.append(tuple(fa.manifest.get("temperatures", ())))
-        path = fa.path / fa.manifest.get("temperature_cm_file", "oof_temperature_cm.npy")
+        grids.append(tuple(fa.manifest.temperatures))
+        path = fa.path / fa.manifest.scores.get("temperature_cm_file", "oof_temperature_cm.npy")
         cms.append(np.load(path) if path.is_file() else None)
     if all(cm is not None for cm in cms) and len(set(grids)) == 1 and grids[0]:
         for fa, cm in zip(store.fold_arrays, cms):
@@ -76,7 +77,7 @@ def depth_summary(store: ExperimentStore) -> dict[str, float] | None:
     The folds record their metrics, not the sums behind them, so this is a mean of folds (folds of about equal
     size weigh about equally); None when a fold has no depth head.
     """
-    per_fold = [store.manifest(f).get("oof_depth") for f in range(store.folds)]
+    per_fold = [store.manifest(f).scores.get("oof_depth") for f in range(store.folds)]
     if not all(isinstance(d, dict) for d in per_fold):
         return None
     return {k: float(np.mean([d[k] for d in per_fold])) for k in ("rmse", "absrel", "delta1")}
@@ -207,20 +208,10 @@ def experiment_report(
                    f"{name}: OOF confusion (row-normalised)")
     files["qualitative"] = exp_dir / "plots" / "qualitative.png"
     plot_qualitative(store, resolve_root(root, store), files["qualitative"])
-    row = {
-        "name": name,
-        "kind": "experiment",
-        "members": name,
-        "weights": "1",
-        "temperatures": "1",
-        "oof_miou": score["miou"],
-        "oof_miou_nested": score["miou"],  # one model: nothing is fitted on the OOF, so no optimism to remove
-        "pixel_acc": score["pixel_acc"],
-        **{f"depth_{k}": v for k, v in (report["depth"] or {}).items()},
-        **{f"iou_{c}": (None if math.isnan(v) else v) for c, v in score["per_class_iou"].items()},
-        "submission": "",
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    # One model: nothing is fitted on its OOF, so there is no optimism to remove (nested = in-sample).
+    row = leaderboard_row(name=name, kind="experiment", members=name, oof_miou=score["miou"],
+                          oof_miou_nested=score["miou"], pixel_acc=score["pixel_acc"],
+                          per_class_iou=score["per_class_iou"], depth=report["depth"])
     write_json(files["leaderboard_row"], row)
     report["files"] = files
     return report

@@ -22,8 +22,8 @@ import yaml
 
 from foldwise.io import write_text
 from kfold.config import Recipe, to_dict
+from kfold.store.format import MANIFEST
 
-MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
 # Keys that cannot change what a fold learns or predicts: where and how fast the data is read, how many
 # images go through the model at once. A finished fold launched again with other values is still reused.
@@ -33,14 +33,6 @@ RESULT_NEUTRAL_KEYS = ("name", "data.root", "data.num_workers", "oof.batch_size"
 def fold_dir(out: str | Path, experiment: str, fold: int) -> Path:
     """``<out>/<experiment>/fold<fold>``."""
     return Path(out) / experiment / f"fold{fold}"
-
-
-def is_complete(run_dir: str | Path) -> bool:
-    """Whether the fold's ``manifest.json`` says complete (written last: every other file is whole)."""
-    try:
-        return json.loads((Path(run_dir) / MANIFEST).read_text()).get("status") == "complete"
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def git_commit() -> str:

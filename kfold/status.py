@@ -21,7 +21,8 @@ from typing import Any
 import yaml
 
 from foldwise.cli import ArgumentParser, run_entry_point
-from kfold.rundir import CONFIG, MANIFEST, fold_dir, is_complete, read_job_record
+from kfold.rundir import CONFIG, fold_dir, read_job_record
+from kfold.store.format import MANIFEST, is_complete
 
 STATES = ("complete", "running", "pending", "failed", "missing")
 

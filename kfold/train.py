@@ -267,16 +267,8 @@ def fit_fold(recipe: Recipe, root: DataRoot, run_dir: Path, train_ids: Sequence[
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup)
     rows, start_epoch, best_miou = [], 0, -math.inf
     if resume and (run_dir / "last.pt").exists():
-        state = load_checkpoint(run_dir / "last.pt", device)
-        model.load_state_dict(state["model"])
-        ema.module.load_state_dict(state["ema"])
-        loss_fn.load_state_dict(state["loss"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        start_epoch, best_miou, rows = state["epoch"], state["best_miou"], list(state["rows"])
+        start_epoch, best_miou, rows = restore(run_dir / "last.pt", device, model, ema, loss_fn, optimizer,
+                                               scheduler, scaler)
         log.info("resumed %s at epoch %d", run_dir, start_epoch)
     train_model: nn.Module = model
     for epoch in range(start_epoch, s.epochs):
@@ -316,6 +308,22 @@ def fit_fold(recipe: Recipe, root: DataRoot, run_dir: Path, train_ids: Sequence[
     if dist.is_main:
         finalize_weights(run_dir, ema.module, cfg.select, rows)
     return rows
+
+
+def restore(path: Path, device: torch.device, model: nn.Module, ema: ModelEmaV3, loss_fn: nn.Module,
+            optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+            scaler: torch.amp.GradScaler | None) -> tuple[int, float, list[dict]]:
+    """Load ``last.pt`` into the training state, RNG included; return (epochs done, best mIoU, metrics rows)."""
+    state = load_checkpoint(path, device)
+    model.load_state_dict(state["model"])
+    ema.module.load_state_dict(state["ema"])
+    loss_fn.load_state_dict(state["loss"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return state["epoch"], state["best_miou"], list(state["rows"])
 
 
 def finalize_weights(run_dir: Path, ema_model: nn.Module, select: str, rows: list[dict]) -> None:

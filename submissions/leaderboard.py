@@ -27,14 +27,11 @@ import numpy as np
 import pandas as pd
 
 from foldwise.cli import ArgumentParser, run_entry_point
+from foldwise.leaderboard import DEPTH, HEAD, KINDS, TAIL
 from submissions.common import SubmissionError, atomic_path
 
 DEFAULT_PATH = Path(__file__).resolve().parent / "leaderboard.csv"
-HEAD = ("name", "kind", "members", "weights", "temperatures", "oof_miou", "oof_miou_nested", "pixel_acc")
-DEPTH = ("depth_rmse", "depth_absrel", "depth_delta1")  # OOF depth in metres vs the sensor, when a model has a head
-TAIL = ("submission", "created", "public_lb")
 NUMERIC = ("oof_miou", "oof_miou_nested", "pixel_acc", "public_lb", *DEPTH)
-KINDS = ("experiment", "blend")
 SHORT = ("name", "kind", "oof_miou_nested", "oof_miou", "pixel_acc", "public_lb", "submission", "created")
 
 
@@ -173,21 +170,32 @@ def ranked(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values(["oof_miou_nested", "oof_miou"], ascending=False, na_position="last", kind="stable")
 
 
-def sync_experiment_rows(runs_dir: str | os.PathLike, path: str | os.PathLike = DEFAULT_PATH) -> list[str]:
+def sync_experiment_rows(runs_dir: str | os.PathLike, path: str | os.PathLike = DEFAULT_PATH,
+                         names: Sequence[str] | None = None) -> list[str]:
     """Upsert the row every experiment report left in ``<runs_dir>/<exp>/leaderboard_row.json``.
 
     Experiment reports are written by ``kfold``, which must not import this package; they leave their row
     as JSON and the leaderboard picks it up here.
+
+    Args:
+        runs_dir: the runs folder.
+        path: the leaderboard CSV.
+        names: only these experiments (default: every one with a row file).
+
+    Returns:
+        The names of the experiments whose rows were upserted.
     """
-    names = []
+    synced = []
     for row_file in sorted(Path(runs_dir).glob("*/leaderboard_row.json")):
+        if names is not None and row_file.parent.name not in names:
+            continue
         try:
             row = json.loads(row_file.read_text())
         except ValueError as e:
             raise SubmissionError(f"{row_file}: not valid JSON ({e})") from None
         upsert_leaderboard(row, path)
-        names.append(str(row.get("name", row_file.parent.name)))
-    return names
+        synced.append(str(row.get("name", row_file.parent.name)))
+    return synced
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,8 +26,8 @@ from ensemble.blend import main as blend_main
 from kfold.cli import main as cli_main
 from kfold.data.layout import DEFAULT_CLASSES
 from kfold.models import read_state_dict
-from kfold.oof import open_experiment
 from kfold.splits import main as splits_main
+from kfold.store.read import open_experiment
 from submissions.score import main as score_main
 from submissions.validate import read_submission
 from submissions.writer import write_submission

@@ -1,4 +1,4 @@
-"""ensemble/blend.py on fake complete experiment stores written in the kfold/predict.py manifest format.
+"""ensemble/blend.py on fake complete experiment stores written in the kfold.store manifest format.
 
 Model A is right and confident on classes 0-6 and confidently wrong on 7-12; model B is right but soft on
 7-12 and softly wrong on 0-6. Uniform weights follow A everywhere; a blend leaning on B gets every class.
@@ -22,8 +22,8 @@ from foldwise.io import save_npy, write_json, write_text
 from kfold.data.layout import open_root, read_label
 from kfold.data.synthetic import generate
 from kfold.metrics import confusion_matrix, mean_iou
-from kfold.predict import store_manifest
 from kfold.splits import ensure_folds, folds_sha256, read_folds
+from kfold.store.format import StoreManifest
 from submissions.leaderboard import read_leaderboard
 from submissions.score import score_submission
 from submissions.validate import read_submission, validate_submission
@@ -51,7 +51,7 @@ def _fake_probs(labels: np.ndarray, good: set[int], peak_good: float, peak_bad: 
 
 def write_fake_experiment(runs: Path, name: str, root_path: Path, good: set[int], peaks: tuple[float, float],
                           seed: int, sha: str | None = None) -> None:
-    """One complete experiment store (every fold) as kfold/predict.py writes it, at half resolution."""
+    """One complete experiment store (every fold) as kfold.store.write writes it, at half resolution."""
     root = open_root(root_path, verify=False)
     folds, sha = read_folds(root), sha or folds_sha256(root)
     k = max(folds.values()) + 1
@@ -71,9 +71,11 @@ def write_fake_experiment(runs: Path, name: str, root_path: Path, good: set[int]
         save_npy(d / "test.npy", test)
         write_text(d / "oof_ids.txt", "".join(f"{i}\n" for i in val))
         write_text(d / "test_ids.txt", "".join(f"{i}\n" for i in root.test_ids))
-        write_json(d / "manifest.json", store_manifest(
-            name, f, k, len(folds), root.classes, (H, W), (h, w), 0.5, len(val), len(test),
-            {"scales": [1.0], "hflip": False, "temperature": 1.0}, [1.0], sha, root.path))
+        write_json(d / "manifest.json", StoreManifest.new(
+            experiment=name, fold=f, k_folds=k, n_train=len(folds), classes=root.classes, image_size=(H, W),
+            store_size=(h, w), oof_scale=0.5, n_oof=len(val), n_test=len(test),
+            tta={"scales": [1.0], "hflip": False, "temperature": 1.0}, temperatures=[1.0], folds_sha256=sha,
+            data_root=root.path).to_dict())
 
 
 @pytest.fixture(scope="module")

@@ -32,8 +32,9 @@ from kfold.checkpoint import load_checkpoint
 from kfold.cli import main as cli_main
 from kfold.losses import SegDepthLoss
 from kfold.models import read_state_dict
-from kfold.oof import StoreError, open_experiment
-from kfold.rundir import is_complete as fold_complete
+from kfold.store.format import StoreError
+from kfold.store.format import is_complete as fold_complete
+from kfold.store.read import open_experiment
 from submissions.validate import read_submission
 
 REPO = Path(__file__).resolve().parents[1]

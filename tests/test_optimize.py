@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ensemble.nested import fit_pool, nested_cv
 from ensemble.optimize import (
+    BlendOptions,
     blend_probs,
     fit_blend,
     fit_temperature_nll,
@@ -133,7 +134,7 @@ def test_finite_difference_slsqp_on_argmax_miou_stays_at_its_start(two_models):
 
 def test_slsqp_beats_uniform_and_best_single(two_models):
     probs, y, w = two_models
-    r = fit_blend(probs, y, w, C, "slsqp", fit_temperature=False)
+    r = fit_blend(probs, y, w, C, BlendOptions("slsqp", fit_temperature=False))
     uniform = _miou(probs, y, w, [0.5, 0.5])
     best_single = max(_miou(probs, y, w, [1, 0]), _miou(probs, y, w, [0, 1]))
     assert r.moved and r.chosen == "optimiser"
@@ -144,15 +145,16 @@ def test_slsqp_beats_uniform_and_best_single(two_models):
     assert r.miou == pytest.approx(_miou(probs, y, w, r.weights, r.temperatures), abs=1e-12)
     # the smooth surrogate alone (no polish) already finds the good region: the sharpening makes it track
     # the argmax mIoU, where the plain soft Jaccard of the blend would peak at a single model
-    surrogate_only = fit_blend(probs, y, w, C, "slsqp", fit_temperature=False, max_polish_evals=0)
+    surrogate_only = fit_blend(probs, y, w, C, BlendOptions("slsqp", fit_temperature=False, max_polish_evals=0))
     assert surrogate_only.miou > uniform + 0.1
-    plain = fit_blend(probs, y, w, C, "slsqp", fit_temperature=False, max_polish_evals=0, sharpness=[1.0])
+    plain = fit_blend(probs, y, w, C, BlendOptions("slsqp", fit_temperature=False, max_polish_evals=0,
+                                                   sharpness=(1.0,)))
     assert plain.miou < uniform + 0.05
 
 
 def test_slsqp_gives_the_overconfident_model_the_higher_temperature(two_models):
     probs, y, w = two_models
-    r = fit_blend(probs, y, w, C, "slsqp", fit_temperature=True)
+    r = fit_blend(probs, y, w, C, BlendOptions("slsqp", fit_temperature=True))
     assert r.chosen == "optimiser" and r.moved
     assert r.temperatures[1] > 1.2 * r.temperatures[0]
     assert r.miou > _miou(probs, y, w, [0.5, 0.5]) + 0.1
@@ -173,7 +175,7 @@ def test_surrogate_gradient_matches_finite_differences(two_models):
 
 def test_hillclimb_improves_over_best_single(two_models):
     probs, y, w = two_models
-    r = fit_blend(probs, y, w, C, "hillclimb", fit_temperature=False, rounds=20)
+    r = fit_blend(probs, y, w, C, BlendOptions("hillclimb", fit_temperature=False, rounds=20))
     best_single = max(_miou(probs, y, w, [1, 0]), _miou(probs, y, w, [0, 1]))
     assert r.moved and r.chosen == "optimiser" and r.miou > best_single + 0.1
     assert r.start_miou == pytest.approx(best_single)
@@ -189,7 +191,7 @@ def test_chosen_blend_never_below_uniform_or_best_single(method):
     probs = [_model(rng, y, range(C), strong=2.0), _softmax(rng.normal(size=(4000, C)) * 3),
              _softmax(rng.normal(size=(4000, C)) * 3)]
     w = rng.uniform(0.5, 2.0, len(y))
-    r = fit_blend(probs, y, w, C, method)
+    r = fit_blend(probs, y, w, C, BlendOptions(method))
     floor = max(_miou(probs, y, w, np.full(3, 1 / 3)), *(_miou(probs, y, w, np.eye(3)[i]) for i in range(3)))
     assert r.miou >= floor - 1e-12
     assert r.miou == pytest.approx(_miou(probs, y, w, r.weights, r.temperatures), abs=1e-12)
@@ -200,8 +202,8 @@ def test_chosen_blend_never_below_uniform_or_best_single(method):
 def test_nested_cv_is_not_above_in_sample(two_models):
     probs, y, w = two_models
     fold = np.random.default_rng(8).integers(0, 4, len(y))
-    r = fit_blend(probs, y, w, C, "slsqp")
-    pooled, folds = nested_cv(probs, y, w, fold, C, "slsqp")
+    r = fit_blend(probs, y, w, C, BlendOptions("slsqp"))
+    pooled, folds = nested_cv(probs, y, w, fold, C, BlendOptions("slsqp"))
     assert [f.fold for f in folds] == [0, 1, 2, 3]
     assert np.allclose(pooled, sum(f.confusion for f in folds))
     assert np.isclose(pooled.sum(), w.sum())  # every sample pixel scored exactly once
@@ -215,10 +217,10 @@ def test_nested_cv_is_not_above_in_sample(two_models):
 def test_nested_cv_in_a_process_pool_gives_the_serial_result(two_models):
     probs, y, w = two_models
     fold = np.random.default_rng(8).integers(0, 3, len(y))
-    serial, serial_folds = nested_cv(probs, y, w, fold, C, "slsqp", per_class=True)
+    serial, serial_folds = nested_cv(probs, y, w, fold, C, BlendOptions("slsqp", per_class=True))
     pool = fit_pool(2)
     try:
-        pooled, folds = nested_cv(probs, y, w, fold, C, "slsqp", pool, per_class=True)
+        pooled, folds = nested_cv(probs, y, w, fold, C, BlendOptions("slsqp", per_class=True), pool)
     finally:
         pool.shutdown()
     assert np.array_equal(pooled, serial)
@@ -231,7 +233,7 @@ def test_nested_cv_in_a_process_pool_gives_the_serial_result(two_models):
 def test_bad_inputs_are_clear_errors(two_models):
     probs, y, w = two_models
     with pytest.raises(ValueError, match="method='nope'"):
-        fit_blend(probs, y, w, C, "nope")
+        BlendOptions("nope")
     with pytest.raises(ValueError, match=r"model 1 probabilities: shape \(10, 13\)"):
         fit_blend([probs[0], probs[1][:10]], y, w, C)
     with pytest.raises(ValueError, match="labels must be"):
@@ -254,24 +256,24 @@ def test_per_class_weights_trust_each_model_on_its_own_classes():
     y = rng.integers(0, C, 6000)
     probs = [_column_reliable(rng, y, range(7)), _column_reliable(rng, y, range(7, 13))]
     w = np.ones(len(y))
-    glob = fit_blend(probs, y, w, C, "slsqp")
-    pc = fit_blend(probs, y, w, C, "slsqp", per_class=True)
+    glob = fit_blend(probs, y, w, C, BlendOptions("slsqp"))
+    pc = fit_blend(probs, y, w, C, BlendOptions("slsqp", per_class=True))
     assert pc.chosen == "optimiser" and pc.weights.shape == (2, C) and pc.moved
     assert pc.candidates["global"] == pytest.approx(glob.miou, abs=1e-12)  # the same global fit comes first
     assert pc.miou > glob.miou + 0.3, (pc.miou, glob.miou)
     assert pc.miou == pytest.approx(_miou(probs, y, w, pc.weights, pc.temperatures), abs=1e-12)
     assert np.allclose(pc.weights.sum(axis=0), 1.0)
     assert (pc.weights[0, :7] > 0.5).all() and (pc.weights[1, 7:] > 0.5).all()
-    pooled, _ = nested_cv(probs, y, w, rng.integers(0, 3, len(y)), C, "slsqp", per_class=True)
+    pooled, _ = nested_cv(probs, y, w, rng.integers(0, 3, len(y)), C, BlendOptions("slsqp", per_class=True))
     assert mean_iou(pooled) > glob.miou + 0.3  # held out, it still generalises
     with pytest.raises(ValueError, match="per-class weights are fitted by method 'slsqp'"):
-        fit_blend(probs, y, w, C, "hillclimb", per_class=True)
+        BlendOptions("hillclimb", per_class=True)
 
 
 def test_per_class_weights_that_cannot_win_leave_the_simplest_blend(two_models):
     """Two identical models: every blend ties, so the simplest (uniform, plain (M,) weights) is returned."""
     probs, y, w = two_models
-    pc = fit_blend([probs[0], probs[0].copy()], y, w, C, "slsqp", per_class=True, fit_temperature=False)
+    pc = fit_blend([probs[0], probs[0].copy()], y, w, C, BlendOptions("slsqp", per_class=True, fit_temperature=False))
     assert pc.chosen == "uniform" and pc.weights.shape == (2,) and np.allclose(pc.weights, 0.5)
     assert set(pc.candidates) == {"uniform", "best_single:0", "global", "optimiser"}
     assert len(set(pc.candidates.values())) == 1

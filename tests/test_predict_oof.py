@@ -15,10 +15,11 @@ from kfold.config import build_recipe
 from kfold.data.layout import open_root, read_label
 from kfold.data.synthetic import generate
 from kfold.models import build_model
-from kfold.oof import StoreError, list_experiments, open_experiment, score_experiment
-from kfold.predict import predict_fold, store_size
 from kfold.report import POOLED, experiment_report
 from kfold.splits import ensure_folds, folds_sha256, read_folds
+from kfold.store.format import StoreError, list_experiments, store_size
+from kfold.store.read import open_experiment, score_experiment
+from kfold.store.write import predict_fold
 
 H, W, K, EXP = 48, 64, 3, "exp_tiny"
 GRID = (0.7, 0.8, 0.85, 0.9, 1.0)  # the recipe's grid plus the stored temperature 0.85

@@ -77,16 +77,16 @@ def pause_save(n: int, marker: Path) -> None:
 
 
 def pause_tta(n: int, marker: Path) -> None:
-    import kfold.predict
+    import kfold.store.write
 
-    real, hit = kfold.predict.predict_tta, counter(n)
+    real, hit = kfold.store.write.predict_tta, counter(n)
 
     def predict_tta(*args: Any, **kwargs: Any):
         if hit():
             pause(marker)
         return real(*args, **kwargs)
 
-    kfold.predict.predict_tta = predict_tta
+    kfold.store.write.predict_tta = predict_tta
 
 
 def pause_csv(n: int, marker: Path) -> None:

@@ -1,4 +1,4 @@
-"""Complete experiment stores written in the kfold/predict.py manifest format, from the root's own labels.
+"""Complete experiment stores written in the kfold.store manifest format, from the root's own labels.
 
 Cheap stand-ins for trained folds: softened one-hot probabilities at half resolution, so the blend and the
 store checks have real, valid data to work on and the tests can then break one thing at a time.
@@ -12,8 +12,8 @@ import numpy as np
 
 from foldwise.io import save_npy, write_json, write_text
 from kfold.data.layout import open_root, read_label
-from kfold.predict import store_manifest
 from kfold.splits import folds_sha256, read_folds
+from kfold.store.format import StoreManifest
 
 
 def _probs(labels: np.ndarray, num_classes: int, rng: np.random.Generator) -> np.ndarray:
@@ -59,7 +59,9 @@ def write_store(runs: Path, name: str, root_path: Path, seed: int = 0, classes: 
         save_npy(d / "test.npy", test)
         write_text(d / "oof_ids.txt", "".join(f"{i}\n" for i in val))
         write_text(d / "test_ids.txt", "".join(f"{i}\n" for i in root.test_ids))
-        write_json(d / "manifest.json", store_manifest(
-            name, f, k, len(folds), classes, (H, W), (h, w), 0.5, len(val), len(test),
-            {"scales": [1.0], "hflip": False, "temperature": 1.0}, [1.0], sha, root.path))
+        write_json(d / "manifest.json", StoreManifest.new(
+            experiment=name, fold=f, k_folds=k, n_train=len(folds), classes=classes, image_size=(H, W),
+            store_size=(h, w), oof_scale=0.5, n_oof=len(val), n_test=len(test),
+            tta={"scales": [1.0], "hflip": False, "temperature": 1.0}, temperatures=[1.0], folds_sha256=sha,
+            data_root=root.path).to_dict())
     return runs / name

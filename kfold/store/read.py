@@ -1,4 +1,4 @@
-"""The OOF store of one experiment: its folds' ``oof.npy`` as one memory-mapped view in train-id order.
+"""Reading the OOF store of one experiment: its folds' ``oof.npy`` as one memory-mapped view in train-id order.
 
 Every check runs before anything is scored (fold complete, each train id exactly once, one folds.csv,
 matching classes / sizes / shapes), and every problem is a one-line :class:`StoreError` naming the
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,47 +23,19 @@ from foldwise.classmap import ClassMap, class_map_from_record
 from kfold.data.layout import DataError, DataRoot, open_root
 from kfold.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 from kfold.splits import FOLDS_FILE, folds_sha256, read_folds
+from kfold.store.format import (
+    MANIFEST,
+    PROB_TOL,
+    SAME_ACROSS_FOLDS,
+    STORE_DTYPE,
+    SUM_TOL,
+    StoreError,
+    StoreManifest,
+    fold_dirs,
+    load_manifest,
+    read_ids,
+)
 from tta import apply_temperature
-
-MANIFEST = "manifest.json"
-STORE_DTYPE = "float16"
-FOLD_DIR = re.compile(r"fold(\d+)")
-PROB_TOL = 1e-3  # float16 rounding and bilinear resizing keep values in [0, 1] up to this
-SUM_TOL = 1e-2  # ... and class sums at 1 up to this
-_SAME_ACROSS_FOLDS = ("folds_sha256", "classes", "oof_scale", "store_size", "image_size", "dtype", "k_folds",
-                      "class_map")
-
-
-class StoreError(ValueError):
-    """An experiment's OOF store is incomplete or inconsistent; the message is one line."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
-
-
-def fold_dirs(exp_dir: Path) -> dict[int, Path]:
-    """``{fold: folder}`` of the ``fold<k>`` folders of an experiment folder."""
-    if not exp_dir.is_dir():
-        return {}
-    found = {}
-    for entry in exp_dir.iterdir():
-        match = FOLD_DIR.fullmatch(entry.name)
-        if match and entry.is_dir():
-            found[int(match.group(1))] = entry
-    return dict(sorted(found.items()))
-
-
-def list_experiments(runs_dir: str | Path) -> list[str]:
-    """Sorted names of the experiments under ``runs_dir`` that have at least one ``fold<k>`` folder."""
-    runs_dir = Path(runs_dir)
-    if not runs_dir.is_dir():
-        return []
-    return sorted(p.name for p in runs_dir.iterdir() if p.is_dir() and fold_dirs(p))
-
-
-def read_ids(path: Path) -> list[str]:
-    """Ids of an ``*_ids.txt`` file, one per line (blank lines skipped)."""
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 @dataclass
@@ -73,7 +44,7 @@ class FoldArrays:
 
     fold: int
     path: Path
-    manifest: dict[str, Any] = field(repr=False)
+    manifest: StoreManifest = field(repr=False)
     oof_ids: list[str] = field(repr=False)
     test_ids: list[str] = field(repr=False)
     oof: np.ndarray = field(repr=False)
@@ -112,7 +83,7 @@ class ExperimentStore:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def manifest(self, fold: int) -> dict[str, Any]:
+    def manifest(self, fold: int) -> StoreManifest:
         """The manifest of ``fold``."""
         return self.fold_arrays[fold].manifest
 
@@ -130,7 +101,7 @@ class ExperimentStore:
         if flagged:
             i, what = min(flagged, key=lambda x: x[0])  # first bad row; NaN before range before sums
             arrays = self.fold_arrays[fold]
-            file = arrays.path / arrays.manifest[split]["file"]
+            file = arrays.path / getattr(arrays.manifest, split)["file"]
             raise StoreError(f"{self.name} fold {fold}: {file} row {rows[i]} (id {ids[i]!r}): {what} probabilities")
 
     def iter_oof(
@@ -187,30 +158,10 @@ class ExperimentStore:
             pass
 
 
-def _load_manifest(name: str, fold: int, path: Path) -> dict[str, Any]:
-    file = path / MANIFEST
-    if not file.is_file():
-        raise StoreError(f"{name} fold {fold}: {file} missing (fold not complete)")
-    try:
-        manifest = json.loads(file.read_text())
-    except (OSError, ValueError) as err:
-        raise StoreError(f"{name} fold {fold}: {file} unreadable ({err})") from None
-    if not isinstance(manifest, dict):
-        raise StoreError(f"{name} fold {fold}: {file} is not a JSON object")
-    if manifest.get("status") != "complete":
-        raise StoreError(f"{name} fold {fold}: {file} status {manifest.get('status')!r} (fold not complete)")
-    missing = [k for k in ("fold", "classes", "store_size", "image_size", "oof", "test", "folds_sha256")
-               if k not in manifest]
-    if missing:
-        raise StoreError(f"{name} fold {fold}: {file} has no key {missing[0]!r}")
-    if manifest["fold"] != fold:
-        raise StoreError(f"{name} fold {fold}: {file} says fold {manifest['fold']!r}")
-    return manifest
-
-
-def _load_split(name: str, fold: int, path: Path, manifest: dict[str, Any], split: str) -> tuple[np.ndarray, list[str]]:
+def _load_split(name: str, fold: int, path: Path, manifest: StoreManifest, split: str
+                ) -> tuple[np.ndarray, list[str]]:
     """Open ``<split>.npy`` read-only and check it against the manifest and its ids file."""
-    info = manifest[split]
+    info = getattr(manifest, split)
     where = f"{name} fold {fold}:"
     try:
         file, ids_file, shape = path / info["file"], path / info["ids_file"], tuple(info["shape"])
@@ -224,9 +175,9 @@ def _load_split(name: str, fold: int, path: Path, manifest: dict[str, Any], spli
         array = np.load(file, mmap_mode="r")
     except (OSError, ValueError) as err:
         raise StoreError(f"{where} {file} unreadable ({err})") from None
-    if array.dtype != np.dtype(manifest.get("dtype", STORE_DTYPE)) or array.dtype != np.dtype(STORE_DTYPE):
+    if array.dtype != np.dtype(manifest.dtype) or array.dtype != np.dtype(STORE_DTYPE):
         raise StoreError(f"{where} {file} dtype {array.dtype}, manifest and store say {STORE_DTYPE}")
-    expected = (len(manifest["classes"]), *manifest["store_size"])
+    expected = (manifest.num_classes, *manifest.store_size)
     if array.shape != shape or array.shape[1:] != expected:
         raise StoreError(f"{where} {file} shape {array.shape}, manifest says {shape} (N, {expected})")
     ids = read_ids(ids_file)
@@ -253,6 +204,78 @@ def _root_folds(data_root: str, sha256: str) -> dict[str, int] | None:
         return None  # a moved or edited root: the store's own checks still hold
 
 
+def _recorded_k(found: dict[int, Path]) -> int | None:
+    """k as the first readable manifest records it; else from the dataset root's folds.csv of the same digest."""
+    first: dict[str, Any] = {}
+    for path in found.values():
+        with contextlib.suppress(OSError, ValueError):
+            first = json.loads((path / MANIFEST).read_text())
+            break
+    if not isinstance(first, dict):
+        return None
+    if first.get("k_folds") is not None:
+        return first["k_folds"]
+    root_folds = _root_folds(str(first.get("data_root", "")), str(first.get("folds_sha256", "")))
+    return max(root_folds.values()) + 1 if root_folds else None
+
+
+def _open_folds(name: str, exp_dir: Path, k: int) -> list[FoldArrays]:
+    """Each fold's manifest and memory-mapped arrays, checked against fold 0's."""
+    arrays: list[FoldArrays] = []
+    for fold in range(k):
+        path = exp_dir / f"fold{fold}"
+        manifest = load_manifest(name, fold, path)
+        if arrays:
+            ref = arrays[0].manifest
+            for key in SAME_ACROSS_FOLDS:
+                if getattr(manifest, key) != getattr(ref, key):
+                    raise StoreError(f"{name} fold {fold}: {path / MANIFEST} {key} {getattr(manifest, key)!r} "
+                                     f"differs from fold 0's {getattr(ref, key)!r}")
+        oof, oof_ids = _load_split(name, fold, path, manifest, "oof")
+        test, test_ids = _load_split(name, fold, path, manifest, "test")
+        if arrays and test_ids != arrays[0].test_ids:
+            at = next((i for i, (a, b) in enumerate(zip(test_ids, arrays[0].test_ids)) if a != b),
+                      min(len(test_ids), len(arrays[0].test_ids)))
+            raise StoreError(f"{name} fold {fold}: {path / manifest.test['ids_file']} differs from fold 0's "
+                             f"test ids at row {at} ({len(test_ids)} vs {len(arrays[0].test_ids)} ids)")
+        arrays.append(FoldArrays(fold, path, manifest, oof_ids, test_ids, oof, test))
+    return arrays
+
+
+def _index_oof(name: str, arrays: list[FoldArrays]) -> dict[str, tuple[int, int]]:
+    """train id -> (fold, row); every id once, as many as the manifests record."""
+    oof_index: dict[str, tuple[int, int]] = {}
+    for fa in arrays:
+        for row, image_id in enumerate(fa.oof_ids):
+            if image_id in oof_index:
+                raise StoreError(f"{name} fold {fa.fold}: id {image_id!r} in {fa.path / 'oof_ids.txt'} is also "
+                                 f"in fold {oof_index[image_id][0]}")
+            oof_index[image_id] = (fa.fold, row)
+    n_train = arrays[0].manifest.n_train
+    if n_train is not None and len(oof_index) != n_train:
+        raise StoreError(f"{name}: the folds' oof_ids.txt cover {len(oof_index)} train ids, manifests record {n_train}")
+    return oof_index
+
+
+def _check_against_root_folds(name: str, exp_dir: Path, ref: StoreManifest,
+                              oof_index: dict[str, tuple[int, int]]) -> None:
+    """When the recorded root still has the same folds.csv, each id must sit in its fold there."""
+    recorded_folds = _root_folds(ref.data_root, ref.folds_sha256)
+    if recorded_folds is None:
+        return
+    folds_file = Path(ref.data_root) / FOLDS_FILE
+    for image_id, fold in recorded_folds.items():
+        if image_id not in oof_index:
+            raise StoreError(f"{name} fold {fold}: train id {image_id!r} missing from "
+                             f"{exp_dir / f'fold{fold}' / 'oof_ids.txt'}")
+        if oof_index[image_id][0] != fold:
+            raise StoreError(f"{name} fold {oof_index[image_id][0]}: id {image_id!r} belongs to fold {fold} "
+                             f"in {folds_file}")
+    extra_id = next((i for i in oof_index if i not in recorded_folds), None)
+    if extra_id is not None:
+        raise StoreError(f"{name} fold {oof_index[extra_id][0]}: id {extra_id!r} is not in {folds_file}")
+
+
 def open_experiment(runs_dir: str | Path, name: str, k: int | None = None) -> ExperimentStore:
     """Open and check one experiment's OOF store (``runs_dir/name/fold<k>/``).
 
@@ -268,90 +291,29 @@ def open_experiment(runs_dir: str | Path, name: str, k: int | None = None) -> Ex
     found = fold_dirs(exp_dir)
     if not found:
         raise StoreError(f"{name}: no fold<k> folders in {exp_dir}")
-    first: dict[str, Any] = {}
-    for path in found.values():
-        with contextlib.suppress(OSError, ValueError):
-            first = json.loads((path / MANIFEST).read_text())
-            break
-    recorded = first.get("k_folds") if isinstance(first, dict) else None
-    if recorded is None and isinstance(first, dict):
-        # A manifest without k_folds: the dataset root's folds.csv (same digest) still knows k.
-        root_folds = _root_folds(str(first.get("data_root", "")), str(first.get("folds_sha256", "")))
-        recorded = max(root_folds.values()) + 1 if root_folds else None
+    recorded = _recorded_k(found)
     if k is not None and recorded is not None and k != recorded:
         raise StoreError(f"{name}: expected {k} folds, manifests record k_folds={recorded}")
     k = k or recorded or max(found) + 1
     extra = [f for f in found if f >= k]
     if extra:
         raise StoreError(f"{name} fold {extra[0]}: {found[extra[0]]} is beyond k={k} folds")
-
-    arrays: list[FoldArrays] = []
-    for fold in range(k):
-        path = exp_dir / f"fold{fold}"
-        manifest = _load_manifest(name, fold, path)
-        if arrays:
-            ref = arrays[0].manifest
-            for key in _SAME_ACROSS_FOLDS:
-                if manifest.get(key) != ref.get(key):
-                    raise StoreError(f"{name} fold {fold}: {path / MANIFEST} {key} {manifest.get(key)!r} "
-                                     f"differs from fold 0's {ref.get(key)!r}")
-        oof, oof_ids = _load_split(name, fold, path, manifest, "oof")
-        test, test_ids = _load_split(name, fold, path, manifest, "test")
-        if arrays and test_ids != arrays[0].test_ids:
-            at = next((i for i, (a, b) in enumerate(zip(test_ids, arrays[0].test_ids)) if a != b),
-                      min(len(test_ids), len(arrays[0].test_ids)))
-            raise StoreError(f"{name} fold {fold}: {path / manifest['test']['ids_file']} differs from fold 0's "
-                             f"test ids at row {at} ({len(test_ids)} vs {len(arrays[0].test_ids)} ids)")
-        arrays.append(FoldArrays(fold, path, manifest, oof_ids, test_ids, oof, test))
-
-    oof_index: dict[str, tuple[int, int]] = {}
-    for fa in arrays:
-        for row, image_id in enumerate(fa.oof_ids):
-            if image_id in oof_index:
-                raise StoreError(f"{name} fold {fa.fold}: id {image_id!r} in {fa.path / 'oof_ids.txt'} is also "
-                                 f"in fold {oof_index[image_id][0]}")
-            oof_index[image_id] = (fa.fold, row)
+    arrays = _open_folds(name, exp_dir, k)
+    oof_index = _index_oof(name, arrays)
     ref = arrays[0].manifest
-    n_train = ref.get("n_train")
-    if n_train is not None and len(oof_index) != n_train:
-        raise StoreError(f"{name}: the folds' oof_ids.txt cover {len(oof_index)} train ids, manifests record {n_train}")
-    recorded_folds = _root_folds(str(ref.get("data_root", "")), ref["folds_sha256"])
-    if recorded_folds is not None:
-        for image_id, fold in recorded_folds.items():
-            if image_id not in oof_index:
-                raise StoreError(f"{name} fold {fold}: train id {image_id!r} missing from "
-                                 f"{exp_dir / f'fold{fold}' / 'oof_ids.txt'}")
-            if oof_index[image_id][0] != fold:
-                raise StoreError(f"{name} fold {oof_index[image_id][0]}: id {image_id!r} belongs to fold {fold} "
-                                 f"in {Path(ref['data_root']) / FOLDS_FILE}")
-        extra_id = next((i for i in oof_index if i not in recorded_folds), None)
-        if extra_id is not None:
-            raise StoreError(f"{name} fold {oof_index[extra_id][0]}: id {extra_id!r} is not in "
-                             f"{Path(ref['data_root']) / FOLDS_FILE}")
-
+    _check_against_root_folds(name, exp_dir, ref, oof_index)
     ids = tuple(sorted(oof_index))
     return ExperimentStore(
-        name=name,
-        path=exp_dir,
-        classes=tuple(ref["classes"]),
-        folds=k,
-        ids=ids,
-        fold_of={i: oof_index[i][0] for i in ids},
-        oof_index={i: oof_index[i] for i in ids},
-        image_size=tuple(ref["image_size"]),
-        store_size=tuple(ref["store_size"]),
-        oof_scale=float(ref.get("oof_scale", 0.0)),
-        folds_sha256=ref["folds_sha256"],
-        data_root=str(ref.get("data_root", "")),
-        test_ids=tuple(arrays[0].test_ids),
-        fold_arrays=arrays,
-        class_map=_class_map(name, ref),
-    )
+        name=name, path=exp_dir, classes=tuple(ref.classes), folds=k, ids=ids,
+        fold_of={i: oof_index[i][0] for i in ids}, oof_index={i: oof_index[i] for i in ids},
+        image_size=tuple(ref.image_size), store_size=tuple(ref.store_size), oof_scale=float(ref.oof_scale),
+        folds_sha256=ref.folds_sha256, data_root=ref.data_root, test_ids=tuple(arrays[0].test_ids),
+        fold_arrays=arrays, class_map=_class_map(name, ref))
 
 
-def _class_map(name: str, manifest: dict[str, Any]) -> ClassMap | None:
+def _class_map(name: str, manifest: StoreManifest) -> ClassMap | None:
     try:
-        return class_map_from_record(manifest.get("class_map"))
+        return class_map_from_record(manifest.class_map)
     except (ValueError, KeyError, TypeError) as err:
         raise StoreError(f"{name} fold 0: {MANIFEST} class_map is not valid ({err})") from None
 
