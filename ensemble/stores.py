@@ -27,6 +27,19 @@ from kfold.store.read import ExperimentStore, full_res_argmax, open_experiment
 Params = tuple[Sequence[float], Sequence[float]]  # (weights, temperatures), one per member
 
 
+def blend_grid(store_sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """Resolution members are blended at: the largest store size (every store's, when they agree)."""
+    return max((tuple(hw) for hw in store_sizes), key=lambda hw: hw[0] * hw[1])  # type: ignore[return-value]
+
+
+def to_grid(probs: np.ndarray | torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Probabilities (n, C, h, w) resized bilinearly to ``grid`` (unchanged when already there)."""
+    t = torch.as_tensor(probs)
+    if tuple(t.shape[-2:]) != tuple(grid):
+        t = F.interpolate(t, size=tuple(grid), mode="bilinear", align_corners=False)
+    return t
+
+
 @dataclass
 class Members:
     """Compatible experiment stores (same folds, classes, ids, image size, test ids) and their data root."""
@@ -64,19 +77,16 @@ class Members:
 
     @property
     def grid(self) -> tuple[int, int]:
-        """Resolution the members are blended at: the largest store size (every store's, when they agree)."""
-        return max((tuple(s.store_size) for s in self.stores), key=lambda hw: hw[0] * hw[1])  # type: ignore
+        """Resolution the members are blended at (see :func:`blend_grid`)."""
+        return blend_grid([tuple(s.store_size) for s in self.stores])
 
     @property
     def test_ids(self) -> tuple[str, ...]:
         return self.stores[0].test_ids
 
     def on_grid(self, probs: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Probabilities (n, C, h, w) resized bilinearly to the blend grid (unchanged when already there)."""
-        t = torch.as_tensor(probs)
-        if tuple(t.shape[-2:]) != self.grid:
-            t = F.interpolate(t, size=self.grid, mode="bilinear", align_corners=False)
-        return t
+        """Probabilities (n, C, h, w) on the blend grid (see :func:`to_grid`)."""
+        return to_grid(probs, self.grid)
 
     def iter_oof(
         self, chunk: int, ids: Sequence[str] | None = None, on_grid: bool = True

@@ -104,22 +104,23 @@ def predict_tta(
         padded = (int(views.shape[-2]), int(views.shape[-1]))
         for start in range(0, views.shape[0], cfg.max_batch):
             stop = min(start + cfg.max_batch, views.shape[0])
-            rows = torch.arange(start, stop, device=images.device)
             seg, depth = split_output(model(views[start:stop]))
-            if seg.shape[0] != rows.numel():
-                raise ValueError(f"model returned batch {seg.shape[0]} for an input batch of {rows.numel()}")
-            flipped = rows >= batch
-            index = rows % batch
-            seg = _unview(seg, size, padded, base, flipped)
+            if seg.shape[0] != stop - start:
+                raise ValueError(f"model returned batch {seg.shape[0]} for an input batch of {stop - start}")
+            # Rows at or past ``batch`` are the flipped views: in a chunk they are its last rows, and each part
+            # maps to a contiguous range of images, so it is added with a slice (no index gather).
+            unflipped = max(0, min(stop, batch) - start)
+            parts = _image_ranges(start, stop, batch)
+            seg = _unview(seg, size, padded, base, unflipped)
             for t in cfg.temperatures:
                 if t not in probs:
                     probs[t] = seg.new_zeros((batch, *seg.shape[1:]))
-                probs[t].index_add_(0, index.to(seg.device), torch.softmax(seg / t, dim=1))
+                _add_rows(probs[t], torch.softmax(seg if t == 1.0 else seg / t, dim=1), parts)
             if depth is not None:
-                depth = _unview(depth, size, padded, base, flipped)
+                depth = _unview(depth, size, padded, base, unflipped)
                 if depth_sum is None:
                     depth_sum = depth.new_zeros((batch, *depth.shape[1:]))
-                depth_sum.index_add_(0, index.to(depth.device), depth)
+                _add_rows(depth_sum, depth, parts)
 
     target = out_size or base
     merged = {t: resize(p / cfg.num_views, target) for t, p in probs.items()}
@@ -127,13 +128,31 @@ def predict_tta(
     return TTAOutput(probs=merged, depth=merged_depth)
 
 
-def _unview(
-    y: Tensor, valid: tuple[int, int], padded: tuple[int, int], base: tuple[int, int], flipped: Tensor
-) -> Tensor:
-    """Undo one chunk's view: crop the padding, resize to the base size, flip the flipped rows back."""
+def _image_ranges(start: int, stop: int, batch: int) -> list[tuple[int, int, int]]:
+    """(first chunk row, first image, count) of each run of a chunk's rows that maps to consecutive images."""
+    out = []
+    for lo, hi in ((start, min(stop, batch)), (max(start, batch), stop)):
+        if hi > lo:
+            out.append((lo - start, lo if lo < batch else lo - batch, hi - lo))
+    return out
+
+
+def _add_rows(acc: Tensor, rows: Tensor, parts: list[tuple[int, int, int]]) -> None:
+    for row, image, count in parts:
+        acc[image : image + count] += rows[row : row + count]
+
+
+def _unview(y: Tensor, valid: tuple[int, int], padded: tuple[int, int], base: tuple[int, int], unflipped: int
+            ) -> Tensor:
+    """Undo one chunk's view: crop the padding, resize to the base size, flip the last rows back.
+
+    The flipped rows are a suffix of the chunk, so they are flipped back in place: no copy of the chunk and
+    no boolean gather / scatter (those made TTA slower than ttach's one-pass-per-view loop).
+
+    Args:
+        unflipped: how many leading rows are unflipped views; the rest are flipped.
+    """
     y = resize(crop_padding(y.float(), valid, padded), base)
-    if bool(flipped.any()):
-        y = y.clone()
-        flipped = flipped.to(y.device)
-        y[flipped] = y[flipped].flip(-1)
+    if unflipped < y.shape[0]:  # may write into the model's own output: predict_tta does not read it again
+        y[unflipped:] = y[unflipped:].flip(-1)
     return y

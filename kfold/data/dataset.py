@@ -35,6 +35,29 @@ def inverse_depth(depth: np.ndarray, min_depth_m: float) -> np.ndarray:
     return inv
 
 
+def network_input(out: dict[str, np.ndarray], in_channels: int, min_depth_m: float = 0.25) -> torch.Tensor:
+    """The network's input from a transform's output: normalised RGB, plus inverse depth as a 4th channel."""
+    x = normalize_rgb(out["image"])
+    if in_channels == 4:
+        x = np.concatenate([x, inverse_depth(out["depth_input"], min_depth_m)[None]], axis=0)
+    return torch.from_numpy(x)
+
+
+def model_input(image: np.ndarray, depth: np.ndarray | None, transform: Transform, in_channels: int,
+                max_depth_m: float = 10.0, min_depth_m: float = 0.25) -> torch.Tensor:
+    """One image outside any dataset root (``ensemble.predict``), prepared as :class:`SegmentationDataset` does.
+
+    Args:
+        image: uint8 (H, W, 3) RGB. depth: float32 (H, W) metres (0 = missing), or None for an RGB model.
+        transform: the evaluation transform (e.g. ``EvalTransform(recipe.data.input_size)``).
+        in_channels / max_depth_m / min_depth_m: as for :class:`SegmentationDataset`.
+    """
+    depth = np.zeros(image.shape[:2], np.float32) if depth is None else depth.copy()
+    depth[depth > max_depth_m] = 0.0
+    label = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
+    return network_input(transform(image=image, depth=depth, label=label), in_channels, min_depth_m)
+
+
 def _identity(image: np.ndarray, depth: np.ndarray, label: np.ndarray,
               depth_target: np.ndarray | None = None) -> dict[str, np.ndarray]:
     target = depth if depth_target is None else depth_target
@@ -151,11 +174,8 @@ class SegmentationDataset(Dataset):
             out = self.transform(image=image, depth=depth, label=label)
         else:  # the input channel keeps the sensor (what a test image has); the loss sees the target
             out = self.transform(image=image, depth=depth, label=label, depth_target=target)
-        x = normalize_rgb(out["image"])
-        if self.in_channels == 4:
-            x = np.concatenate([x, inverse_depth(out["depth_input"], self.min_depth_m)[None]], axis=0)
         return {
-            "image": torch.from_numpy(x),
+            "image": network_input(out, self.in_channels, self.min_depth_m),
             "depth": torch.from_numpy(np.ascontiguousarray(out["depth"], dtype=np.float32)[None]),
             "label": torch.from_numpy(np.ascontiguousarray(out["label"]).astype(np.int64)),
             "id": self.ids[index],

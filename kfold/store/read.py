@@ -142,13 +142,13 @@ class ExperimentStore:
         """
         for start in range(0, len(self.test_ids), chunk):
             part = list(self.test_ids[start : start + chunk])
-            acc = np.zeros((len(part), self.num_classes, *self.store_size), dtype=np.float32)
+            blocks = []
             for arrays in self.fold_arrays:
-                block = np.asarray(arrays.test[start : start + len(part)], dtype=np.float32)
+                blocks.append(arrays.test[start : start + len(part)])
                 if check:
-                    self._check(block, arrays.fold, range(start, start + len(part)), part, "test")
-                acc += block
-            yield part, acc / len(self.fold_arrays)
+                    self._check(np.asarray(blocks[-1], dtype=np.float32), arrays.fold,
+                                range(start, start + len(part)), part, "test")
+            yield part, mean_of_folds(blocks)
 
     def check_values(self, chunk: int = 64) -> None:
         """Read every OOF and test row once, chunk by chunk, and raise a StoreError on bad values."""
@@ -202,6 +202,18 @@ def _root_folds(data_root: str, sha256: str) -> dict[str, int] | None:
         return read_folds(root)
     except DataError:
         return None  # a moved or edited root: the store's own checks still hold
+
+
+def mean_of_folds(fold_probs: Sequence[np.ndarray]) -> np.ndarray:
+    """float32 mean of the fold models' (float16) probabilities, summed in fold order.
+
+    The one way test probabilities are averaged over folds: the blend's submission and ``ensemble.predict``
+    both use it, so they agree to the last bit.
+    """
+    acc = np.zeros(np.shape(fold_probs[0]), dtype=np.float32)
+    for block in fold_probs:
+        acc += np.asarray(block, dtype=np.float32)
+    return acc / len(fold_probs)
 
 
 def _recorded_k(found: dict[int, Path]) -> int | None:

@@ -57,6 +57,29 @@ def open_npy(path: Path, shape: tuple[int, ...], dtype: str = STORE_DTYPE) -> It
         del array
 
 
+def predict_rows(model: Callable[[torch.Tensor], object], images: torch.Tensor, cfg: TTAConfig,
+                 size: tuple[int, int], temperature: float) -> tuple[torch.Tensor, TTAOutput]:
+    """A batch as a fold store keeps it: TTA-merged at the store size, at the stored temperature, float16.
+
+    ``ensemble.predict`` calls it too, so masks of new images are made as the submission's were.
+
+    Returns:
+        (the float16 rows (n, C, h, w), the merged TTA output with every temperature and depth).
+    """
+    merged = predict_tta(model, images, cfg, out_size=size)
+    return merged.probs[temperature].half(), merged
+
+
+def autocast_forward(model: nn.Module, device: torch.device, amp: torch.dtype | None) -> Callable:
+    """``model`` under the autocast dtype its fold was predicted with (None: float32)."""
+
+    def forward(x: torch.Tensor) -> object:
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            return model(x)
+
+    return forward
+
+
 def _predict_into(model: Callable[[torch.Tensor], object], loader: DataLoader, cfg: TTAConfig,
                   size: tuple[int, int], temperature: float, out: np.ndarray, device: torch.device, desc: str,
                   on_batch: Callable[[Batch, TTAOutput], None] | None = None) -> list[str]:
@@ -66,8 +89,7 @@ def _predict_into(model: Callable[[torch.Tensor], object], loader: DataLoader, c
     bar = tqdm(loader, desc=desc, leave=False, disable=not sys.stderr.isatty())
     for batch in bar:
         images = batch["image"].to(device, non_blocking=True)
-        merged = predict_tta(model, images, cfg, out_size=size)
-        stored = merged.probs[temperature].half()
+        stored, merged = predict_rows(model, images, cfg, size, temperature)
         finite = torch.isfinite(stored).flatten(1).all(dim=1)
         if not bool(finite.all()):
             bad = batch["id"][int((~finite).nonzero()[0])]
@@ -207,10 +229,7 @@ def predict_fold(model: nn.Module, recipe: Recipe, root: DataRoot, fold: int, va
     cfg, T, C = tta_config(recipe), float(recipe.tta.temperature), root.num_classes
     size = store_size(tuple(root.image_size), recipe.oof.scale)
     scorer = OofScorer(cfg.temperatures, C, tuple(root.image_size), device)
-
-    def forward(x: torch.Tensor) -> object:
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            return model(x)
+    forward = autocast_forward(model, device, amp)
 
     was_training = model.training
     model.eval()
