@@ -28,10 +28,10 @@ def lines(out: str, group: str) -> list[str]:
 
 def test_every_script_ran(tiny_output: str) -> None:
     assert "all passed" in tiny_output
-    for name in ("blend", "tta", "metrics", "train_loop", "oof_store", "data", "scaling"):
+    for name in ("blend", "tta", "metrics", "train_loop", "oof_store", "data", "scaling", "predict"):
         assert re.search(rf"^## bench_{name}\.py: [\d.]+ s, rc 0", tiny_output, re.M), name
     assert tiny_output.startswith("# machine: ")
-    expected = {"blend": 10, "tta": 3, "metrics": 2, "train": 3, "oof": 5, "data": 2, "scaling": 1}
+    expected = {"blend": 10, "tta": 3, "metrics": 2, "train": 3, "oof": 5, "data": 2, "scaling": 1, "predict": 1}
     for group, n in expected.items():
         found = lines(tiny_output, group)
         assert len(found) >= n, (group, found)
@@ -52,6 +52,8 @@ def test_correctness_checks(tiny_output: str) -> None:
         if "OOF mIoU others" in line:
             values = [float(v) for v in re.findall(r"\d\.\d{4}", line)]
             assert all(0.0 <= v <= 1.0 for v in values), line
+    (predict,) = lines(tiny_output, "predict")  # tiny: scale 1 on a stride multiple, so the same numbers
+    assert float(re.search(r"max_abs_diff=(\S+)", predict).group(1)) < 1e-3, predict
     ratio = [line for line in lines(tiny_output, "oof") if "bytes/image" in line][0]
     assert 7.5 < float(re.search(r"ratio ([\d.]+)x", ratio).group(1)) <= 8.0  # float16 at half scale: 1/8
 
