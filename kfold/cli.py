@@ -95,7 +95,7 @@ def run_fold(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[str, int],
     from kfold.models import load_weights, model_from_recipe
     from kfold.plots import plot_curves
     from kfold.splits import folds_sha256
-    from kfold.store.write import predict_fold
+    from kfold.store.write import format_final_table, predict_fold
     from kfold.train import amp_dtype, fit_fold
 
     run_dir = fold_dir(args.out, recipe.name, fold)
@@ -125,6 +125,8 @@ def run_fold(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[str, int],
         result = predict_fold(model, recipe, root, fold, val_ids, run_dir, dist.device, folds_sha256(root),
                               recipe.name, amp=amp_dtype(recipe.train.amp, dist.device))
         log.info("%s fold %d: OOF mIoU %.4f (TTA, full resolution)", recipe.name, fold, result["oof_miou"])
+        log.info("final metrics (%s):\n%s", run_dir / "final_metrics.csv",
+                 format_final_table((run_dir / "final_metrics.csv").read_text()))
     barrier()
 
 

@@ -44,6 +44,8 @@ class ModelConfig:
     encoder_weights: str | None = "imagenet"
     decoder_channels: int = 256  # FPN pyramid (segmentation branch: half) or DeepLabV3+ decoder width
     depth_head: bool = True
+    sync_bn: bool = False  # BatchNorm -> SyncBatchNorm under DDP (a no-op with a log line in one process)
+    init_key_map: dict[str, str] = field(default_factory=dict)  # --weights_path keys: regex -> replacement, in order
 
 
 @dataclass

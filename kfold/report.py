@@ -18,15 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from foldwise.cli import ArgumentParser, run_entry_point
 from foldwise.io import write_json, write_text
 from foldwise.leaderboard import leaderboard_row
 from kfold.data.layout import DataRoot
-from kfold.metrics import mean_iou, pixel_accuracy
+from kfold.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 from kfold.plots import plot_qualitative, save_figure
 from kfold.store.format import StoreError, list_experiments
-from kfold.store.read import ExperimentStore, open_experiment, resolve_root, score_experiment
+from kfold.store.read import ExperimentStore, full_res_argmax, open_experiment, resolve_root, score_experiment
+from kfold.store.write import final_table, format_final_table
 
 POOLED = "pooled confusion matrices"
 MEAN_OF_FOLDS = "mean of fold mIoUs"
@@ -81,6 +83,41 @@ def depth_summary(store: ExperimentStore) -> dict[str, float] | None:
     if not all(isinstance(d, dict) for d in per_fold):
         return None
     return {k: float(np.mean([d[k] for d in per_fold])) for k in ("rmse", "absrel", "delta1")}
+
+
+def _read_final(path: Path) -> dict[str, dict[str, float]]:
+    """A fold's ``final_metrics.csv`` as ``{column: {metric: value}}`` (nan for empty cells)."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    columns = rows[0][1:]
+    return {c: {r[0]: float(r[i + 1]) if r[i + 1] else math.nan for r in rows[1:]} for i, c in enumerate(columns)}
+
+
+def experiment_final_metrics(store: ExperimentStore, root: DataRoot, chunk: int = 64
+                             ) -> dict[str, dict[str, float | None]] | None:
+    """The folds' validation / test table averaged over folds, and the fold-averaged test prediction's score.
+
+    None when a fold has no ``final_metrics.csv`` (stores written before it existed).
+    """
+    paths = [fa.path / "final_metrics.csv" for fa in store.fold_arrays]
+    if not all(p.is_file() for p in paths):
+        return None
+    per_fold = [_read_final(p) for p in paths]
+    table = {f"{column} (mean of folds)": {m: float(np.nanmean([f[column][m] for f in per_fold]))
+                                           if any(not math.isnan(f[column][m]) for f in per_fold) else None
+                                           for m in per_fold[0][column]}
+             for column in per_fold[0]}
+    if root.has_test_labels:
+        C = store.num_classes
+        cm = np.zeros((C, C), dtype=np.int64)
+        for ids, probs in store.iter_test(chunk):
+            labels = np.stack([root.label("test", i) for i in ids])
+            cm += confusion_matrix(labels, full_res_argmax(torch.from_numpy(probs), store.image_size).numpy(), C)
+        iou = iou_per_class(cm)
+        table["test (fold-averaged prediction)"] = {
+            "pixel_acc": pixel_accuracy(cm), "miou": mean_iou(cm),
+            **{f"iou_{c}": (None if math.isnan(v) else float(v)) for c, v in zip(store.classes, iou)}}
+    return table
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -198,6 +235,11 @@ def experiment_report(
         "depth": depth_summary(store),
     }
     print(format_report(report))
+    final = experiment_final_metrics(store, resolve_root(root, store), chunk)
+    if final is not None:
+        write_text(store.path / "final_metrics.csv", final_table(final))
+        print(f"\nfinal metrics ({store.path / 'final_metrics.csv'}):\n"
+              f"{format_final_table(final_table(final))}")
 
     exp_dir = store.path
     files = {"csv": exp_dir / "oof_report.csv", "per_class_iou": exp_dir / "plots" / "per_class_iou.png",

@@ -33,7 +33,8 @@ from kfold.data.transforms import EvalTransform, TrainTransform
 from kfold.distributed import DistInfo, all_reduce_sum, broadcast_buffers
 from kfold.losses import SegDepthLoss
 from kfold.metrics import DepthMeter, confusion_matrix_torch, iou_per_class, mean_iou, pixel_accuracy
-from kfold.models import load_weights, model_from_recipe
+from kfold.models import model_from_recipe
+from kfold.weights import init_from, write_init_report
 
 log = logging.getLogger("kfold")
 MAX_SKIPPED_STEPS = 20  # fp16 steps with a non-finite loss that one epoch may drop before the run stops
@@ -252,8 +253,12 @@ def fit_fold(recipe: Recipe, root: DataRoot, run_dir: Path, train_ids: Sequence[
     device, cfg = dist.device, recipe.train
     torch.manual_seed(cfg.seed)
     model = model_from_recipe(recipe, root.num_classes).to(device)
-    if weights_path:
-        load_weights(model, weights_path)
+    if weights_path:  # another code base's checkpoint, keys renamed by model.init_key_map; loaded non-strict
+        report = init_from(model, weights_path, recipe.model.init_key_map)
+        if dist.is_main:
+            write_init_report(run_dir, report)
+        log.info("%s (init_report.txt lists the rest)", report.text().splitlines()[0])
+    model = convert_sync_bn(model, recipe.model.sync_bn, dist)
     loss_fn = build_loss(recipe, root.classes).to(device)
     optimizer = build_optimizer(model, loss_fn, recipe)
     data = build_loaders(recipe, root, train_ids, val_ids, dist)
@@ -308,6 +313,22 @@ def fit_fold(recipe: Recipe, root: DataRoot, run_dir: Path, train_ids: Sequence[
     if dist.is_main:
         finalize_weights(run_dir, ema.module, cfg.select, rows)
     return rows
+
+
+def convert_sync_bn(model: nn.Module, sync_bn: bool, dist: DistInfo) -> nn.Module:
+    """``model.sync_bn``: BatchNorm -> SyncBatchNorm under DDP (statistics over the global batch)."""
+    if not sync_bn:
+        return model
+    if not dist.enabled:
+        log.info("model.sync_bn: single process, BatchNorm kept (SyncBatchNorm only matters under torchrun)")
+        return model
+    if dist.device.type != "cuda":  # torch's SyncBatchNorm refuses CPU tensors
+        log.info("model.sync_bn: SyncBatchNorm needs CUDA; per-process BatchNorm kept on %s", dist.device.type)
+        return model
+    n = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    log.info("model.sync_bn: %d BatchNorm layers converted to SyncBatchNorm", n)
+    return model
 
 
 def restore(path: Path, device: torch.device, model: nn.Module, ema: ModelEmaV3, loss_fn: nn.Module,

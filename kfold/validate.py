@@ -8,6 +8,7 @@ names the key. It imports nothing heavy, so a bad ``--opts`` value is answered b
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -122,6 +123,11 @@ def _check_relations(recipe: Recipe) -> None:
                           "with model.depth_head true")
     if recipe.data.class_map is not None and not recipe.data.class_map.strip():
         raise ConfigError("data.class_map: give a file (or a shipped map name), or null for the root's classes")
+    for pattern in recipe.model.init_key_map:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(f"model.init_key_map: {pattern!r} is not a regular expression ({err})") from None
     if not recipe.tta.scales:
         raise ConfigError("tta.scales: give at least one scale, e.g. [1.0]")
     for name, weight in loss.class_weights.items():

@@ -56,8 +56,10 @@ def test_local_launcher_runs_each_fold_as_its_own_job(local_runs) -> None:
     jobs = local_runs / "exp093_2" / "jobs"
     for r in records:  # submitit's own per-job logs, in the runs folder
         assert Path(r["stdout"]).parent == jobs and Path(r["stderr"]).is_file()
-    # the report was made once, by the job that finished last
+    # the report was made once, by the job that finished last; it ends with the final validation / test table
     assert (local_runs / "exp093_2" / "leaderboard_row.json").is_file()
+    final = (local_runs / "exp093_2" / "final_metrics.csv").read_text().splitlines()
+    assert final[0] == "metric,validation (mean of folds),test (mean of folds),test (fold-averaged prediction)"
     shown = status(local_runs)
     assert shown.returncode == 0 and states(shown.stdout) == dict.fromkeys(range(5), "complete"), shown.stdout
     assert "OOF mIoU 0." in shown.stdout

@@ -130,9 +130,9 @@ class OofScorer:
 
     def __call__(self, batch: Batch, merged: TTAOutput) -> None:
         labels = batch["label"].to(self.device)
-        for t, probs in merged.probs.items():
+        for t in self.cms:
             # Scored from the float16 values the store keeps, so the table matches a rescoring of the store.
-            pred = full_res_argmax(probs.half(), self.image_size)
+            pred = full_res_argmax(merged.probs[t].half(), self.image_size)
             self.cms[t] += confusion_matrix_torch(labels, pred, self.num_classes)
         if merged.depth is not None:
             self.has_depth = True
@@ -175,7 +175,7 @@ def _check_fold(root: DataRoot, fold: int, val_ids: Sequence[str], folds_sha256:
 
 def _loader(root: DataRoot, recipe: Recipe, split: str, ids: Sequence[str], device: torch.device) -> DataLoader:
     dataset = SegmentationDataset(root, split, ids, EvalTransform(recipe.data.input_size), recipe.data.in_channels,
-                                  with_labels=split == "train")
+                                  with_labels=split == "train" or root.has_test_labels)
     return DataLoader(dataset, batch_size=recipe.oof.batch_size, shuffle=False,
                       num_workers=recipe.data.num_workers, pin_memory=device.type == "cuda")
 
@@ -235,7 +235,8 @@ def predict_fold(model: nn.Module, recipe: Recipe, root: DataRoot, fold: int, va
     model.eval()
     try:
         with torch.inference_mode():
-            for split, ids, on_batch in (("oof", val_ids, scorer), ("test", root.test_ids, None)):
+            test_scorer = OofScorer([T], C, tuple(root.image_size), device) if root.has_test_labels else None
+            for split, ids, on_batch in (("oof", val_ids, scorer), ("test", root.test_ids, test_scorer)):
                 with open_npy(run_dir / f"{split}.npy", (len(ids), C, *size)) as out:
                     written = _predict_into(forward, _loader(root, recipe, "train" if split == "oof" else "test",
                                                              ids, device),
@@ -244,6 +245,43 @@ def predict_fold(model: nn.Module, recipe: Recipe, root: DataRoot, fold: int, va
     finally:
         model.train(was_training)
     metrics = scorer.metrics(T, root.classes, scorer.write_table(run_dir))
+    test = test_scorer.metrics(T, root.classes, []) if test_scorer else None
+    write_final_metrics(run_dir, metrics, test, root.classes)
     manifest = fold_manifest(recipe, root, experiment, fold, folds, len(val_ids), folds_sha256, metrics)
     write_json(run_dir / MANIFEST, manifest.to_dict())
-    return metrics
+    return {**metrics, "test": test}
+
+
+def final_table(rows: dict[str, dict[str, float | None]]) -> str:
+    """``{column: {metric: value}}`` as ``metric,column,...`` CSV text."""
+    columns = list(rows)
+    metrics = list(next(iter(rows.values())))
+    lines = [",".join(["metric", *columns])]
+    for metric in metrics:
+        cells = ["" if rows[c][metric] is None or math.isnan(rows[c][metric]) else f"{rows[c][metric]:.6f}"
+                 for c in columns]
+        lines.append(",".join([metric, *cells]))
+    return "\n".join(lines) + "\n"
+
+
+def format_final_table(csv_text: str) -> str:
+    """``final_metrics.csv`` as aligned columns for the log."""
+    rows = [line.split(",") for line in csv_text.strip().splitlines()]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  " + f"{r[0]:<{widths[0]}}" + "".join(f"  {c:>{w}}" for c, w in zip(r[1:], widths[1:]))
+                     for r in rows)
+
+
+def write_final_metrics(run_dir: Path, validation: dict[str, Any], test: dict[str, Any] | None,
+                        classes: Sequence[str]) -> None:
+    """``final_metrics.csv``: pixel accuracy, mIoU and per-class IoU of this fold's model on its validation
+    images (OOF, with TTA) and, when the root has test labels, on the test images."""
+
+    def column(m: dict[str, Any]) -> dict[str, float | None]:
+        return {"pixel_acc": m["oof_pixel_acc"], "miou": m["oof_miou"],
+                **{f"iou_{c}": m["oof_per_class_iou"][c] for c in classes}}
+
+    rows = {"validation": column(validation)}
+    if test is not None:
+        rows["test"] = column(test)
+    write_text(run_dir / "final_metrics.csv", final_table(rows))
