@@ -76,8 +76,11 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
+    unit: str = "epochs"  # epochs | iterations (long runs: schedule, evaluation and checkpoints in iterations)
     epochs: int = 50
     warmup_epochs: int = 0
+    iterations: int = 0  # unit iterations: optimiser steps in all
+    warmup_iterations: int = 0
     warmup_lr_ratio: float = 0.01  # warm-up starts at lr x this
     min_lr_ratio: float = 0.0  # cosine ends at lr x this
 
@@ -92,6 +95,8 @@ class TrainConfig:
     seed: int = 42
     max_steps_per_epoch: int | None = None
     deterministic: bool = False
+    eval_every: int = 0  # unit iterations: validate (one metrics.csv row) every N iterations; 0 = at the end
+    checkpoint_every: int = 0  # unit iterations: last.pt every N iterations (a multiple of eval_every); 0 = eval_every
 
 
 @dataclass
@@ -147,8 +152,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 # stays a seconds-long smoke run. Only keys that set the run's length and size; min(recipe, limit).
 PRESET_LIMITS: dict[str, dict[str, int]] = {
     "full": {},
-    "demo": {"schedule.epochs": 10, "train.batch_size": 4, "optim.freeze_encoder_epochs": 2},
-    "smoke": {"schedule.epochs": 2, "train.batch_size": 4, "optim.freeze_encoder_epochs": 1},
+    "demo": {"schedule.epochs": 10, "train.batch_size": 4, "optim.freeze_encoder_epochs": 2,
+             "schedule.iterations": 400, "schedule.warmup_iterations": 40, "train.eval_every": 40,
+             "train.checkpoint_every": 40},
+    "smoke": {"schedule.epochs": 2, "train.batch_size": 4, "optim.freeze_encoder_epochs": 1,
+              "schedule.iterations": 6, "schedule.warmup_iterations": 2, "train.eval_every": 3,
+              "train.checkpoint_every": 3},
 }
 
 

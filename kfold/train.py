@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -179,20 +179,18 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: tor
     return metrics
 
 
-def train_one_epoch(model: nn.Module, train_model: nn.Module, ema: ModelEmaV3, loss_fn: SegDepthLoss,
-                    optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler | None,
-                    loader: DataLoader, recipe: Recipe, epoch: int, device: torch.device,
-                    autocast: torch.dtype | None, show: bool) -> dict[str, float]:
-    """One pass over the training loader; returns the mean of each loss part."""
+def train_steps(model: nn.Module, train_model: nn.Module, ema: ModelEmaV3, loss_fn: SegDepthLoss,
+                optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler | None,
+                batches: Iterable[dict], steps: int, recipe: Recipe, label: str, frozen: bool,
+                device: torch.device, autocast: torch.dtype | None, show: bool) -> dict[str, float]:
+    """``steps`` optimiser steps on ``batches`` (an epoch's loader, or a stretch of the iteration stream);
+    returns the mean of each loss part. ``label`` names the stretch in errors and the progress bar."""
     train_model.train()
-    frozen = epoch < recipe.optim.freeze_encoder_epochs
     if frozen:
         model.encoder.eval()  # frozen means frozen: no BatchNorm statistics drift either
-    steps = min(len(loader), recipe.train.max_steps_per_epoch or len(loader))
     sums: dict[str, float] = {}
     start, seen, skipped = time.perf_counter(), 0, 0
-    bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{recipe.schedule.epochs}", leave=False,
-               disable=None if show else True, dynamic_ncols=True)
+    bar = tqdm(batches, total=steps, desc=label, leave=False, disable=None if show else True, dynamic_ncols=True)
     for step, batch in enumerate(bar):
         if step >= steps:
             break
@@ -202,7 +200,7 @@ def train_one_epoch(model: nn.Module, train_model: nn.Module, ema: ModelEmaV3, l
         loss, parts = loss_fn(seg.float(), None if depth_pred is None else depth_pred.float(), label, depth, image)
         if not torch.isfinite(loss):
             if scaler is None or skipped >= MAX_SKIPPED_STEPS:
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                raise FloatingPointError(f"loss is {loss.item()} at {label}, step {step + 1}; "
                                          "the last good checkpoint is last.pt")
             # fp16: the scaler lowers its scale and the step is dropped; nothing else may advance either.
             skipped += 1
@@ -234,9 +232,107 @@ def train_one_epoch(model: nn.Module, train_model: nn.Module, ema: ModelEmaV3, l
 
 
 
+class EpochPlan:
+    """The run as epochs: each stretch between evaluations is one pass of the training loader."""
+
+    def __init__(self, recipe: Recipe, data: FoldData) -> None:
+        self.recipe, self.data = recipe, data
+        loader, cfg = data.train_loader, recipe.train
+        self.steps_per_stretch = min(len(loader), cfg.max_steps_per_epoch or len(loader))
+        self.stretches = recipe.schedule.epochs
+        self.total_steps = self.steps_per_stretch * recipe.schedule.epochs
+        self.warmup_steps = self.steps_per_stretch * recipe.schedule.warmup_epochs
+
+    def batches(self, i: int) -> tuple[Iterable[dict], int]:
+        """Stretch ``i``'s batches and step count (seeded by (seed, epoch): exact resumes)."""
+        seed, loader = self.recipe.train.seed, self.data.train_loader
+        self.data.train_samples.epoch = i
+        loader.generator.manual_seed(derived_seed(seed, i, 1))
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(i)
+        return loader, self.steps_per_stretch
+
+    def position(self, i: int) -> dict[str, int]:
+        return {"epoch": i + 1}
+
+    def label(self, i: int) -> str:
+        return f"epoch {i + 1}"
+
+    def done(self, stretches: int) -> str:
+        """Where a run stands after ``stretches`` stretches, for the log."""
+        return f"epoch {stretches}/{self.stretches}"
+
+    def checkpoint_at(self, i: int) -> bool:
+        return True
+
+
+class IterationPlan:
+    """The run as ``schedule.iterations`` steps on an endless stream of passes over the training ids, evaluated
+    every ``train.eval_every`` and checkpointed every ``train.checkpoint_every`` iterations.
+
+    Pass p visits the ids in an order seeded by (seed, p) (under DDP: this rank's share), so the stream
+    position (pass, batch) of any iteration is known and a resumed run reads on from there, augmentations
+    included, without loading the batches it skips.
+    """
+
+    def __init__(self, recipe: Recipe, data: FoldData, dist: DistInfo) -> None:
+        self.recipe, self.data, self.dist = recipe, data, dist
+        s, cfg = recipe.schedule, recipe.train
+        self.total_steps, self.warmup_steps = s.iterations, s.warmup_iterations
+        self.every = cfg.eval_every or s.iterations
+        self.checkpoint_every = cfg.checkpoint_every or self.every
+        self.stretches = math.ceil(s.iterations / self.every)
+        self.batch = data.train_loader.batch_size or 1
+        n = len(data.train_samples) // dist.world_size if dist.enabled else len(data.train_samples)
+        self.per_pass = max(1, n // self.batch)
+
+    def _order(self, p: int) -> list[int]:
+        seed, samples = self.recipe.train.seed, self.data.train_samples
+        if self.dist.enabled:
+            sampler = DistributedSampler(samples, self.dist.world_size, self.dist.rank, shuffle=True, seed=seed,
+                                         drop_last=True)
+            sampler.set_epoch(p)
+            return list(sampler)
+        return torch.randperm(len(samples), generator=torch.Generator().manual_seed(derived_seed(seed, p, 1))).tolist()
+
+    def _stream(self, start: int, stop: int) -> Iterator[dict]:
+        loader = self.data.train_loader
+        while start < stop:
+            p, offset = divmod(start, self.per_pass)
+            take = min(self.per_pass - offset, stop - start)
+            order = self._order(p)
+            self.data.train_samples.epoch = p
+            batches = [order[b * self.batch : (b + 1) * self.batch] for b in range(offset, offset + take)]
+            yield from DataLoader(self.data.train_samples, batch_sampler=batches, num_workers=loader.num_workers,
+                                  pin_memory=loader.pin_memory)
+            start += take
+
+    def batches(self, i: int) -> tuple[Iterable[dict], int]:
+        start, stop = i * self.every, min((i + 1) * self.every, self.total_steps)
+        return self._stream(start, stop), stop - start
+
+    def position(self, i: int) -> dict[str, int]:
+        stop = min((i + 1) * self.every, self.total_steps)
+        return {"iteration": stop, "epoch": math.ceil(stop / self.per_pass)}
+
+    def label(self, i: int) -> str:
+        return f"iterations {i * self.every + 1}-{self.position(i)['iteration']}"
+
+    def done(self, stretches: int) -> str:
+        """Where a run stands after ``stretches`` stretches, for the log."""
+        return f"iteration {min(stretches * self.every, self.total_steps)}/{self.total_steps}"
+
+    def checkpoint_at(self, i: int) -> bool:
+        stop = self.position(i)["iteration"]
+        return stop % self.checkpoint_every == 0 or stop == self.total_steps
+
+
 def fit_fold(recipe: Recipe, root: DataRoot, run_dir: Path, train_ids: Sequence[str], val_ids: Sequence[str],
              dist: DistInfo, resume: bool = False, weights_path: str | None = None) -> list[dict]:
-    """Train one fold and write ``metrics.csv``, ``last.pt`` (every epoch) and ``model.safetensors`` (EMA).
+    """Train one fold and write ``metrics.csv``, ``last.pt`` and ``model.safetensors`` (EMA).
+
+    Epoch recipes validate and checkpoint every epoch; ``schedule.unit iterations`` every ``train.eval_every``
+    and ``train.checkpoint_every`` iterations (see :class:`IterationPlan`).
 
     Args:
         recipe: the resolved recipe.
@@ -248,51 +344,42 @@ def fit_fold(recipe: Recipe, root: DataRoot, run_dir: Path, train_ids: Sequence[
         weights_path: initial weights (safetensors or checkpoint); ignored when resuming.
 
     Returns:
-        One metrics row per epoch.
+        One metrics row per evaluation.
     """
     device, cfg = dist.device, recipe.train
     torch.manual_seed(cfg.seed)
-    model = model_from_recipe(recipe, root.num_classes).to(device)
-    if weights_path:  # another code base's checkpoint, keys renamed by model.init_key_map; loaded non-strict
-        report = init_from(model, weights_path, recipe.model.init_key_map)
-        if dist.is_main:
-            write_init_report(run_dir, report)
-        log.info("%s (init_report.txt lists the rest)", report.text().splitlines()[0])
-    model = convert_sync_bn(model, recipe.model.sync_bn, dist)
+    model = fold_model(recipe, root, run_dir, dist, weights_path)
     loss_fn = build_loss(recipe, root.classes).to(device)
     optimizer = build_optimizer(model, loss_fn, recipe)
     data = build_loaders(recipe, root, train_ids, val_ids, dist)
-    steps_per_epoch = min(len(data.train_loader), cfg.max_steps_per_epoch or len(data.train_loader))
+    plan = IterationPlan(recipe, data, dist) if recipe.schedule.unit == "iterations" else EpochPlan(recipe, data)
     s = recipe.schedule
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
-        warmup_cosine, total_steps=steps_per_epoch * s.epochs, warmup_steps=steps_per_epoch * s.warmup_epochs,
+        warmup_cosine, total_steps=plan.total_steps, warmup_steps=plan.warmup_steps,
         warmup_ratio=s.warmup_lr_ratio, min_ratio=s.min_lr_ratio))
     autocast = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda") if autocast == torch.float16 else None
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup)
-    rows, start_epoch, best_miou = [], 0, -math.inf
+    rows, start, best_miou = [], 0, -math.inf
     if resume and (run_dir / "last.pt").exists():
-        start_epoch, best_miou, rows = restore(run_dir / "last.pt", device, model, ema, loss_fn, optimizer,
-                                               scheduler, scaler)
-        log.info("resumed %s at epoch %d", run_dir, start_epoch)
+        start, best_miou, rows = restore(run_dir / "last.pt", device, model, ema, loss_fn, optimizer, scheduler,
+                                         scaler)
+        log.info("resumed %s at %s", run_dir, plan.done(start))
     train_model: nn.Module = model
-    for epoch in range(start_epoch, s.epochs):
-        frozen = epoch < recipe.optim.freeze_encoder_epochs
+    for i in range(start, plan.stretches):
+        frozen = i < recipe.optim.freeze_encoder_epochs
         for param in model.encoder.parameters():
             param.requires_grad_(not frozen)
-        if dist.enabled and (epoch == start_epoch or epoch == recipe.optim.freeze_encoder_epochs):
+        if dist.enabled and (i == start or i == recipe.optim.freeze_encoder_epochs):
             # DDP fixes its set of trainable parameters when wrapped: wrap again when freezing changes.
             train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        torch.manual_seed(derived_seed(cfg.seed, epoch, 0))
-        data.train_samples.epoch = epoch
-        data.train_loader.generator.manual_seed(derived_seed(cfg.seed, epoch, 1))
-        if isinstance(data.train_loader.sampler, DistributedSampler):
-            data.train_loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(model, train_model, ema, loss_fn, optimizer, scheduler, scaler, data.train_loader,
-                                recipe, epoch, device, autocast, show=dist.is_main)
+        torch.manual_seed(derived_seed(cfg.seed, i, 0))
+        batches, steps = plan.batches(i)
+        stats = train_steps(model, train_model, ema, loss_fn, optimizer, scheduler, scaler, batches, steps, recipe,
+                            plan.label(i), frozen, device, autocast, show=dist.is_main)
         broadcast_buffers(ema.module)
         val = evaluate(ema.module, data.val_loader, root.num_classes, device, autocast, show=dist.is_main)
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"], **stats,
+        row = {**plan.position(i), "lr": optimizer.param_groups[-1]["lr"], **stats,
                "val_miou": val.pop("miou"), "val_pixel_acc": val.pop("pixel_acc"),
                **{f"val_{k}": v for k, v in val.items() if k != "iou"},
                **{f"iou_{name}": iou for name, iou in zip(root.classes, val["iou"])}}
@@ -300,19 +387,32 @@ def fit_fold(recipe: Recipe, root: DataRoot, run_dir: Path, train_ids: Sequence[
         improved = row["val_miou"] > best_miou
         best_miou = max(best_miou, row["val_miou"])
         if dist.is_main:
-            log.info("epoch %d/%d loss %.4f val mIoU %.4f pixel acc %.4f (%.1f img/s)", epoch + 1, s.epochs,
-                     row.get("train_total", float("nan")), row["val_miou"], row["val_pixel_acc"],
-                     row["images_per_s"])
+            log.info("%s loss %.4f val mIoU %.4f pixel acc %.4f (%.1f img/s)", plan.done(i + 1),
+                     row.get("train_total", float("nan")), row["val_miou"], row["val_pixel_acc"], row["images_per_s"])
             if cfg.select == "best" and improved:
-                save_weights(run_dir / "best.safetensors", ema.module, {"epoch": str(epoch + 1)})
-            save_checkpoint(run_dir / "last.pt", model=model.state_dict(), ema=ema.module.state_dict(),
-                            loss=loss_fn.state_dict(), optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else {},
-                            epoch=epoch + 1, best_miou=best_miou, rows=rows, rng=rng_state())
-            write_metrics(run_dir / "metrics.csv", rows)  # after last.pt: never ahead of what can resume
+                save_weights(run_dir / "best.safetensors", ema.module, {"epoch": str(i + 1)})
+            if plan.checkpoint_at(i):
+                save_checkpoint(run_dir / "last.pt", model=model.state_dict(), ema=ema.module.state_dict(),
+                                loss=loss_fn.state_dict(), optimizer=optimizer.state_dict(),
+                                scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else {},
+                                epoch=i + 1, best_miou=best_miou, rows=rows, rng=rng_state())
+                write_metrics(run_dir / "metrics.csv", rows)  # after last.pt: never ahead of what can resume
     if dist.is_main:
         finalize_weights(run_dir, ema.module, cfg.select, rows)
     return rows
+
+
+def fold_model(recipe: Recipe, root: DataRoot, run_dir: Path, dist: DistInfo, weights_path: str | None
+               ) -> nn.Module:
+    """The recipe's model on the device: initial weights from ``weights_path`` (keys renamed by
+    ``model.init_key_map``, loaded non-strict, ``init_report.txt``), SyncBatchNorm when asked for."""
+    model = model_from_recipe(recipe, root.num_classes).to(dist.device)
+    if weights_path:
+        report = init_from(model, weights_path, recipe.model.init_key_map)
+        if dist.is_main:
+            write_init_report(run_dir, report)
+        log.info("%s (init_report.txt lists the rest)", report.text().splitlines()[0])
+    return convert_sync_bn(model, recipe.model.sync_bn, dist)
 
 
 def convert_sync_bn(model: nn.Module, sync_bn: bool, dist: DistInfo) -> nn.Module:

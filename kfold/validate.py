@@ -26,6 +26,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "loss.berhu_threshold": ("max_fraction", "percentile"),
     "loss.depth_target": ("sensor", "teacher", "hybrid"),
     "optim.name": ("adamw", "sgd"),
+    "schedule.unit": ("epochs", "iterations"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
     "train.select": ("last", "best"),
 }
@@ -74,6 +75,10 @@ RANGES: dict[str, Callable[[Any], str | None]] = {
     "optim.grad_clip": _above(0),
     "schedule.epochs": _at_least(1),
     "schedule.warmup_epochs": _at_least(0),
+    "schedule.iterations": _at_least(0),
+    "schedule.warmup_iterations": _at_least(0),
+    "train.eval_every": _at_least(0),
+    "train.checkpoint_every": _at_least(0),
     "schedule.warmup_lr_ratio": _within(0, 1, open_low=True),
     "schedule.min_lr_ratio": _within(0, 1),
     "train.batch_size": _at_least(1),
@@ -128,10 +133,28 @@ def _check_relations(recipe: Recipe) -> None:
             re.compile(pattern)
         except re.error as err:
             raise ConfigError(f"model.init_key_map: {pattern!r} is not a regular expression ({err})") from None
+    _check_iterations(recipe)
     if not recipe.tta.scales:
         raise ConfigError("tta.scales: give at least one scale, e.g. [1.0]")
     for name, weight in loss.class_weights.items():
         _check_value(f"loss.class_weights.{name}", weight, _at_least(0))
+
+
+def _check_iterations(recipe: Recipe) -> None:
+    sched, train = recipe.schedule, recipe.train
+    if sched.unit != "iterations":
+        return
+    if sched.iterations < 1:
+        raise ConfigError("schedule.iterations: schedule.unit iterations needs at least 1 iteration")
+    if sched.warmup_iterations >= sched.iterations:
+        raise ConfigError(f"schedule.warmup_iterations: {sched.warmup_iterations} must be below schedule.iterations "
+                          f"({sched.iterations})")
+    every = train.eval_every or sched.iterations
+    if train.checkpoint_every and train.checkpoint_every % every:
+        raise ConfigError(f"train.checkpoint_every: {train.checkpoint_every} must be a multiple of train.eval_every "
+                          f"({every}): checkpoints are written at evaluations")
+    if recipe.optim.freeze_encoder_epochs:
+        raise ConfigError("optim.freeze_encoder_epochs: counts epochs; set it to 0 with schedule.unit iterations")
 
 
 def validate_recipe(recipe: Recipe) -> Recipe:

@@ -79,3 +79,34 @@ def test_convert_renames_once_offline(torchvision_deeplab, tmp_path) -> None:
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode == 2 and len(lines) == 1 and "--map 'no-equals-sign'" in lines[0]
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def sidewalk_root(synthetic_root: Path, out: Path) -> Path:
+    """A 2-class root (background, sidewalk) from the synthetic rooms: floor becomes sidewalk."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    root = Path(shutil.copytree(synthetic_root, out, ignore=shutil.ignore_patterns("folds.csv", ".folds.lock")))
+    (root / "classes.txt").write_text("background\nsidewalk\n")
+    for path in [*(root / "train" / "labels").glob("*.png"), *(root / "test_labels").glob("*.png")]:
+        label = np.array(Image.open(path))
+        Image.fromarray(np.where(label == 255, 255, (label == 4).astype(np.uint8)).astype(np.uint8)).save(path)
+    return root
+
+
+def test_exp095_1_smoke_on_a_two_class_root(synthetic_root, tmp_path) -> None:
+    root = sidewalk_root(synthetic_root, tmp_path / "sidewalk")
+    out = tmp_path / "runs"
+    proc = subprocess.run([sys.executable, "experiments/exp095_1.py", "--preset", "smoke", "--data-root", str(root),
+                           "--out", str(out), "--fold", "0"], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = out / "exp095_1" / "fold0"
+    final = [line.split(",") for line in (run_dir / "final_metrics.csv").read_text().splitlines()]
+    assert final[0] == ["metric", "validation", "test"]
+    assert [row[0] for row in final[1:]] == ["pixel_acc", "miou", "iou_background", "iou_sidewalk"]
+    import pandas as pd
+
+    assert list(pd.read_csv(run_dir / "metrics.csv")["iteration"]) == [3, 6]  # the smoke preset's 6 iterations
