@@ -1,4 +1,4 @@
-"""Training-loop overhead: ``kfold.train.train_one_epoch`` (EMA, loss parts, progress, lr schedule) plus the
+"""Training-loop overhead: ``kfold.train.train_steps`` (EMA, loss parts, progress, lr schedule) plus the
 per-epoch tail of ``fit_fold`` (log line, ``metrics.csv``, ``last.pt``) against a bare PyTorch loop.
 
 Both sides train the same model (smp FPN, resnet18, depth head; a fresh copy each) with the same
@@ -28,7 +28,7 @@ from kfold.checkpoint import rng_state, save_checkpoint, write_metrics
 from kfold.config import build_recipe
 from kfold.data.layout import DEFAULT_CLASSES
 from kfold.models import build_model
-from kfold.train import build_loss, build_optimizer, split_outputs, train_one_epoch, warmup_cosine
+from kfold.train import build_loss, build_optimizer, split_outputs, train_steps, warmup_cosine
 
 log = logging.getLogger("kfold")
 
@@ -62,8 +62,9 @@ class Side:
 def ours_epoch(side: Side, batches: list, recipe, epoch: int, run_dir: Path) -> tuple[float, float]:
     """(seconds of the steps, seconds of the per-epoch tail: log, metrics.csv, last.pt)."""
     t0 = time.perf_counter()
-    stats = train_one_epoch(side.model, side.model, side.ema, side.loss_fn, side.optimizer, side.scheduler, None,
-                            batches, recipe, epoch, torch.device("cpu"), None, show=False)
+    stats = train_steps(side.model, side.model, side.ema, side.loss_fn, side.optimizer, side.scheduler, None,
+                        batches, len(batches), recipe, f"epoch {epoch + 1}", False, torch.device("cpu"), None,
+                        show=False)
     t1 = time.perf_counter()
     row = {"epoch": epoch + 1, "lr": side.optimizer.param_groups[-1]["lr"], **stats}
     side.rows.append(row)
@@ -113,8 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     batches = make_batches(steps, batch, size)
     ours, bare = Side(model, recipe, steps, epochs), Side(model, recipe, steps, epochs)
     bare_epoch(bare, batches[:1])  # warm-up of both sides (allocator, oneDNN kernels)
-    train_one_epoch(ours.model, ours.model, ours.ema, ours.loss_fn, ours.optimizer, ours.scheduler, None,
-                    batches[:1], recipe, 0, torch.device("cpu"), None, show=False)
+    train_steps(ours.model, ours.model, ours.ema, ours.loss_fn, ours.optimizer, ours.scheduler, None,
+                batches[:1], 1, recipe, "epoch 1", False, torch.device("cpu"), None, show=False)
     t_ours, t_tail, t_bare = [], [], []
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         for epoch in range(epochs):

@@ -11,8 +11,8 @@ import sys
 import traceback
 from collections.abc import Callable
 
-# Errors that mean "bad input" (a file, key or value): their message names it and is shown as is.
-INPUT_ERRORS = (ValueError, OSError, LookupError)
+# Errors whose message is written for the user (a bad file, key or value; a loss that became NaN): shown as is.
+INPUT_ERRORS = (ValueError, OSError, LookupError, FloatingPointError)
 
 
 class ArgumentParser(argparse.ArgumentParser):

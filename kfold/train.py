@@ -181,16 +181,16 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: tor
 
 def train_steps(model: nn.Module, train_model: nn.Module, ema: ModelEmaV3, loss_fn: SegDepthLoss,
                 optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler | None,
-                batches: Iterable[dict], steps: int, recipe: Recipe, label: str, frozen: bool,
+                batches: Iterable[dict], steps: int, recipe: Recipe, stretch: str, frozen: bool,
                 device: torch.device, autocast: torch.dtype | None, show: bool) -> dict[str, float]:
     """``steps`` optimiser steps on ``batches`` (an epoch's loader, or a stretch of the iteration stream);
-    returns the mean of each loss part. ``label`` names the stretch in errors and the progress bar."""
+    returns the mean of each loss part. ``stretch`` names it in errors and the progress bar."""
     train_model.train()
     if frozen:
         model.encoder.eval()  # frozen means frozen: no BatchNorm statistics drift either
     sums: dict[str, float] = {}
     start, seen, skipped = time.perf_counter(), 0, 0
-    bar = tqdm(batches, total=steps, desc=label, leave=False, disable=None if show else True, dynamic_ncols=True)
+    bar = tqdm(batches, total=steps, desc=stretch, leave=False, disable=None if show else True, dynamic_ncols=True)
     for step, batch in enumerate(bar):
         if step >= steps:
             break
@@ -200,7 +200,7 @@ def train_steps(model: nn.Module, train_model: nn.Module, ema: ModelEmaV3, loss_
         loss, parts = loss_fn(seg.float(), None if depth_pred is None else depth_pred.float(), label, depth, image)
         if not torch.isfinite(loss):
             if scaler is None or skipped >= MAX_SKIPPED_STEPS:
-                raise FloatingPointError(f"loss is {loss.item()} at {label}, step {step + 1}; "
+                raise FloatingPointError(f"loss is {loss.item()} at {stretch}, step {step + 1}; "
                                          "the last good checkpoint is last.pt")
             # fp16: the scaler lowers its scale and the step is dropped; nothing else may advance either.
             skipped += 1
