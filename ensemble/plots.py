@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kfold.plots import save_figure  # noqa: E402
+from foldwise.figures import save_figure  # noqa: E402
 
 
 def plot_weights(

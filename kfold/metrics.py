@@ -13,6 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from foldwise.metrics import iou_per_class, mean_iou, pixel_accuracy
+
+__all__ = ["DepthMeter", "confusion_matrix", "confusion_matrix_torch", "iou_per_class", "mean_iou", "pixel_accuracy"]
+
 __all__ = [
     "DepthMeter",
     "confusion_matrix",
@@ -139,54 +143,6 @@ def confusion_matrix_torch(
     # Ignored pixels go to an extra bin instead of being masked out (masking would sync on CUDA).
     idx = torch.where(valid, t.to(index_dtype) * C + p.to(index_dtype), C * C)
     return torch.bincount(idx, minlength=C * C + 1)[: C * C].reshape(C, C)
-
-
-def _as_cm(cm: np.ndarray | Tensor) -> np.ndarray:
-    if isinstance(cm, Tensor):
-        cm = cm.detach().cpu().numpy()
-    cm = np.asarray(cm, dtype=np.float64)
-    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
-        raise ValueError(f"confusion matrix must be square 2-D, got shape {cm.shape}")
-    return cm
-
-
-def iou_per_class(cm: np.ndarray | Tensor) -> np.ndarray:
-    """IoU of every class from a confusion matrix.
-
-    Args:
-        cm: ``(C, C)`` confusion matrix (rows = target, cols = prediction).
-
-    Returns:
-        float64 ``(C,)``; ``nan`` for a class that is neither in the target nor predicted (union 0).
-    """
-    cm = _as_cm(cm)
-    tp = np.diag(cm)
-    union = cm.sum(axis=0) + cm.sum(axis=1) - tp
-    iou = np.full(cm.shape[0], np.nan)
-    np.divide(tp, union, out=iou, where=union > 0)
-    return iou
-
-
-def mean_iou(cm: np.ndarray | Tensor) -> float:
-    """Mean IoU over the classes whose union is non-zero (``nan`` when there is none).
-
-    Args:
-        cm: ``(C, C)`` confusion matrix.
-    """
-    iou = iou_per_class(cm)
-    present = ~np.isnan(iou)
-    return float(iou[present].mean()) if present.any() else float("nan")
-
-
-def pixel_accuracy(cm: np.ndarray | Tensor) -> float:
-    """Fraction of counted pixels predicted correctly (``nan`` for an empty matrix).
-
-    Args:
-        cm: ``(C, C)`` confusion matrix.
-    """
-    cm = _as_cm(cm)
-    total = cm.sum()
-    return float(np.trace(cm) / total) if total > 0 else float("nan")
 
 
 class DepthMeter:

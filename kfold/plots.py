@@ -12,16 +12,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from foldwise.io import atomic_path  # noqa: E402
+from foldwise.figures import save_figure  # noqa: E402
 from kfold.data.layout import IGNORE_INDEX, DataRoot, read_depth, read_rgb  # noqa: E402
 from kfold.store.read import ExperimentStore, full_res_argmax  # noqa: E402
-
-
-def save_figure(fig: plt.Figure, path: Path) -> None:
-    """Save ``fig`` as a PNG atomically and close it."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 def plot_curves(metrics_csv: Path, path: Path) -> None:

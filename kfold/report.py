@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from foldwise.cli import ArgumentParser, run_entry_point
+from foldwise.figures import save_figure
 from foldwise.io import write_json, write_text
 from foldwise.leaderboard import leaderboard_row
 from kfold.data.layout import DataRoot
 from kfold.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
-from kfold.plots import plot_qualitative, save_figure
+from kfold.plots import plot_qualitative
 from kfold.store.format import StoreError, list_experiments
 from kfold.store.read import ExperimentStore, full_res_argmax, open_experiment, resolve_root, score_experiment
 from kfold.store.write import final_table, format_final_table

@@ -16,13 +16,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from foldwise import labels
 from foldwise.classmap import ClassMap, read_class_map
 from foldwise.cli import ArgumentParser, run_entry_point
 from submissions.common import (
     DEFAULT_CLASSES,
-    IGNORE_INDEX,
     SubmissionError,
     confusion_matrix,
     iou_per_class,
@@ -33,22 +32,8 @@ from submissions.validate import decode_image, group_rows, read_submission
 
 
 def read_label(path: Path, num_classes: int) -> np.ndarray:
-    """Read an 8-bit label PNG; values must be in ``[0, num_classes)`` or 255."""
-    try:
-        with Image.open(path) as image:
-            label = np.asarray(image)
-    except OSError as e:
-        raise SubmissionError(f"{path}: unreadable label PNG: {e}") from None
-    if label.ndim != 2 or label.dtype != np.uint8:
-        raise SubmissionError(
-            f"{path}: label must be an 8-bit single-channel PNG, got {label.dtype} {label.shape}"
-        )
-    bad = (label >= num_classes) & (label != IGNORE_INDEX)
-    if bad.any():
-        raise SubmissionError(
-            f"{path}: label value {int(label[bad][0])} outside [0, {num_classes}) and not 255"
-        )
-    return label
+    """Read an 8-bit label PNG; values must be in ``[0, num_classes)`` or 255 (a SubmissionError otherwise)."""
+    return labels.read_label(path, num_classes, SubmissionError)
 
 
 def label_ids(labels_dir: Path) -> list[str]:

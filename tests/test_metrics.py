@@ -120,8 +120,12 @@ def test_metrics_of_empty_matrix_are_nan():
     assert np.isnan(iou_per_class(cm)).all()
     assert math.isnan(mean_iou(cm))
     assert math.isnan(pixel_accuracy(cm))
-    with pytest.raises(ValueError, match="square"):
-        iou_per_class(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"\(C, C\) or \(C, C \+ 1\)"):
+        iou_per_class(np.zeros((2, 4)))
+    # a (C, C + 1) matrix: the last column counts labelled pixels no class claimed (wrong for every class)
+    none_column = np.array([[1, 0, 1], [0, 1, 0]])
+    np.testing.assert_allclose(iou_per_class(none_column), [0.5, 1.0])
+    assert pixel_accuracy(none_column) == pytest.approx(2 / 3)
 
 
 def test_miou_vs_direct_definition_and_torch_input():

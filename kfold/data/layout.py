@@ -17,13 +17,13 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from foldwise.classes import DEFAULT_CLASSES, IGNORE_INDEX
+from foldwise import labels
 from foldwise.classmap import ClassMap, read_class_map
 
 SPLITS = ("train", "test")
 TEACHER_DIR = "teacher_depths"  # beside train/depths: a depth teacher's prediction, <id>.png (mm) or <id>.npy (m)
 
 _DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I")  # how Pillow opens a 16-bit greyscale PNG
-_LABEL_MODES = ("L", "P")  # palette PNGs store class ids as palette indices
 
 # A truncated PNG must fail loudly rather than come back half grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -151,25 +151,6 @@ def _check_depth_mode(path: Path, img: Image.Image) -> None:
         )
 
 
-def _check_label_mode(path: Path, img: Image.Image) -> None:
-    if img.mode not in _LABEL_MODES:
-        raise _error(path, f"mode {img.mode}, expected a single-channel 8-bit PNG of class ids (L or P)")
-
-
-def _check_label_values(path: Path, label: np.ndarray, num_classes: int) -> None:
-    # max() and a mask are ~10x cheaper than bincount on uint8; the values are listed only on failure.
-    if label.max(initial=0) < num_classes:
-        return
-    invalid = (label >= num_classes) & (label != IGNORE_INDEX)
-    if invalid.any():
-        bad = np.unique(label[invalid])
-        shown = ", ".join(str(v) for v in bad[:5]) + (" ..." if bad.size > 5 else "")
-        raise _error(
-            path,
-            f"label value {shown} outside the class range 0..{num_classes - 1} and not {IGNORE_INDEX}",
-        )
-
-
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """Read an 8-bit RGB PNG as uint8 (H, W, 3); anything else is a DataError."""
     return _decode(Path(path), _check_rgb_mode)
@@ -205,11 +186,8 @@ def read_teacher_depth(folder: Path, image_id: str, size: tuple[int, int]) -> np
 
 
 def read_label(path: str | os.PathLike, num_classes: int) -> np.ndarray:
-    """Read an 8-bit label PNG as uint8 (H, W) with values in [0, num_classes) or 255."""
-    path = Path(path)
-    label = _decode(path, _check_label_mode).astype(np.uint8, copy=False)
-    _check_label_values(path, label, num_classes)
-    return label
+    """Read an 8-bit label PNG as uint8 (H, W) with values in [0, num_classes) or 255 (a DataError otherwise)."""
+    return labels.read_label(path, num_classes, DataError)
 
 
 # ----------------------------------------------------------------------------------------------- listing
