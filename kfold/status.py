@@ -69,11 +69,13 @@ def _last_error(record: dict[str, Any]) -> str:
 
 def _progress(run_dir: Path) -> str:
     metrics, recipe = _last_metrics(run_dir), _recipe(run_dir)
-    epochs = recipe.get("schedule", {}).get("epochs", "?")
+    schedule = recipe.get("schedule", {})
+    unit, total = (("iteration", schedule.get("iterations", "?")) if schedule.get("unit") == "iterations"
+                   else ("epoch", schedule.get("epochs", "?")))
     if not metrics:
-        return f"epoch 0/{epochs}"
+        return f"{unit} 0/{total}"
     miou = metrics.get("val_miou")
-    return f"epoch {metrics.get('epoch', '?')}/{epochs}" + (f", val mIoU {float(miou):.4f}" if miou else "")
+    return f"{unit} {metrics.get(unit, '?')}/{total}" + (f", val mIoU {float(miou):.4f}" if miou else "")
 
 
 def fold_status(run_dir: Path) -> tuple[str, str]:
