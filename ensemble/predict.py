@@ -25,8 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ensemble.bundle import BlendBundle, MemberBundle, open_export, open_from_runs
-from ensemble.optimize import blend_probs
-from ensemble.stores import blend_grid, to_grid
+from ensemble.stores import blend_grid, blend_on_grid, to_grid
 from foldwise.cli import ArgumentParser, run_entry_point
 from foldwise.io import atomic_path, write_png
 from kfold.data.dataset import model_input
@@ -85,8 +84,8 @@ def predict_masks(members: list[LoadedMember], blend: BlendBundle, images: Seque
     """(class ids (n, H, W) uint8, blended probabilities on the grid) of a batch of equally sized images."""
     grid = blend_grid([m.bundle.store_size for m in members])
     probs = [to_grid(member_probs(m, images, depths, device), grid) for m in members]
-    blended = blend_probs(probs, list(blend.weights), list(blend.temperatures), axis=1)
-    return full_res_argmax(blended, blend.image_size).numpy(), blended  # as ensemble.stores.blend_argmax
+    blended = blend_on_grid(probs, (blend.weights, blend.temperatures))
+    return full_res_argmax(blended, blend.image_size).numpy(), blended  # the steps of ensemble.stores.blend_argmax
 
 
 def palette(num_classes: int) -> np.ndarray:

@@ -237,11 +237,15 @@ def build_sample(members: Members, n_pixels: int, seed: int, chunk: int) -> Pixe
     return PixelSample(probs=probs, labels=labels, weights=weights, fold=fold)
 
 
-def blend_argmax(probs: Sequence[torch.Tensor], params: Params, size: tuple[int, int]) -> torch.Tensor:
-    """Class ids (n, H, W) uint8 of a blend: temper and weight on the grid, upsample bilinearly, argmax."""
+def blend_on_grid(probs: Sequence[torch.Tensor], params: Params) -> torch.Tensor:
+    """The blend's probabilities (n, C, h, w) on the grid: each member tempered and weighted."""
     weights, temps = params
-    blended = blend_probs(list(probs), list(weights), list(temps), axis=1)
-    return full_res_argmax(blended, size)
+    return blend_probs(list(probs), list(weights), list(temps), axis=1)
+
+
+def blend_argmax(probs: Sequence[torch.Tensor], params: Params, size: tuple[int, int]) -> torch.Tensor:
+    """Class ids (n, H, W) uint8 of a blend: blended on the grid, upsampled bilinearly, argmax."""
+    return full_res_argmax(blend_on_grid(probs, params), size)
 
 
 def score_full_res(
