@@ -179,7 +179,7 @@ def submit_and_score(members: Members, fit: BlendResult, args: argparse.Namespac
 def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -> dict[str, Any]:
     """Fit, score and write one blend; return its record (what ``<name>.json`` holds)."""
     laps = Laps()
-    members, skipped = open_members(args.runs_dir, args.runs, args.data_root)
+    members, skipped = open_members(args.runs_dir, args.runs, args.data_root, make_test_mean=not args.dry_run)
     for line in skipped:
         log(line)
     names, classes, C, k = members.names, members.classes, members.num_classes, members.folds

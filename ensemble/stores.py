@@ -23,6 +23,7 @@ from kfold.metrics import confusion_matrix
 from kfold.splits import FOLDS_FILE, folds_sha256
 from kfold.store.format import StoreError, list_experiments
 from kfold.store.read import ExperimentStore, full_res_argmax, open_experiment
+from kfold.store.write import write_test_mean
 
 Params = tuple[Sequence[float], Sequence[float]]  # (weights, temperatures), one per member
 
@@ -116,6 +117,11 @@ class Members:
         return labels
 
 
+def _with_test_mean(runs_dir: str | Path, store: ExperimentStore) -> ExperimentStore:
+    write_test_mean(store)
+    return open_experiment(runs_dir, store.name)
+
+
 def check_compatible(stores: Sequence[ExperimentStore]) -> None:
     """Raise a one-line StoreError unless every store shares folds, classes, ids, image size and test ids."""
     ref = stores[0]
@@ -135,7 +141,8 @@ def check_compatible(stores: Sequence[ExperimentStore]) -> None:
 
 
 def open_members(
-    runs_dir: str | Path, names: Sequence[str] | None = None, data_root: str | Path | None = None
+    runs_dir: str | Path, names: Sequence[str] | None = None, data_root: str | Path | None = None,
+    make_test_mean: bool = False,
 ) -> tuple[Members, list[str]]:
     """Open and cross-check the stores of a blend.
 
@@ -144,6 +151,8 @@ def open_members(
         names: experiments to blend; None: every complete experiment under ``runs_dir`` (incomplete ones
             are skipped and reported).
         data_root: the dataset root; default: the one the stores recorded.
+        make_test_mean: write the fold-mean test store of a member that has none (stores written before it
+            existed); it is kept, so the next blend reads one file instead of k.
 
     Returns:
         (members, one line per skipped experiment). Any problem is a one-line StoreError.
@@ -162,6 +171,8 @@ def open_members(
                 skipped.append(f"skipped {err}")
         if not stores:
             raise StoreError(f"{runs_dir}: no complete experiment (fold<k>/manifest.json with status complete)")
+    if make_test_mean:
+        stores = [s if s.test_mean is not None else _with_test_mean(runs_dir, s) for s in stores]
     check_compatible(stores)
     ref = stores[0]
     path = data_root if data_root is not None else ref.data_root

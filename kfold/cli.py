@@ -170,11 +170,12 @@ def clear_for_retrain(recipe: Recipe, folds: list[int], args: argparse.Namespace
             print(f"{recipe.name} fold {fold}: cleared for --retrain")
 
 
-def report_once(out: Path, name: str, root: DataRoot) -> None:
-    """Make the experiment report unless one newer than every fold's manifest exists; one process at a time.
+def report_once(out: Path, name: str, root: DataRoot, keep_fold_test: bool = True) -> None:
+    """Make the experiment report and the fold-mean test store (``test_mean.npy``) unless a report newer than
+    every fold's manifest exists; one process at a time.
 
     Several fold jobs may finish together and each sees every fold complete: the lock and the check make
-    the report exactly once, by whichever gets there first.
+    them exactly once, by whichever gets there first.
     """
     from kfold.report import experiment_report
 
@@ -186,6 +187,10 @@ def report_once(out: Path, name: str, root: DataRoot) -> None:
         if marker.is_file() and manifests and marker.stat().st_mtime >= max(manifests):
             return
         experiment_report(Path(out), name, root)
+        from kfold.store.read import open_experiment
+        from kfold.store.write import write_test_mean
+
+        write_test_mean(open_experiment(out, name), keep_fold_test)
 
 
 def run_experiment(name: str, base: dict[str, Any], args: argparse.Namespace, argv: list[str] | None = None) -> int:
@@ -227,7 +232,7 @@ def run_experiment(name: str, base: dict[str, Any], args: argparse.Namespace, ar
         barrier()
         run_fold(recipe, root, fold, fold_of, args, dist, notes)
     if dist.is_main and all(is_complete(fold_dir(args.out, name, k)) for k in range(recipe.data.k_folds)):
-        report_once(Path(args.out), name, root)
+        report_once(Path(args.out), name, root, recipe.oof.keep_fold_test)
     cleanup()
     return 0
 

@@ -113,6 +113,7 @@ class TTAConfig:
 class OOFConfig:
     scale: float = 0.5  # stored probabilities are this fraction of the image size
     batch_size: int = 2
+    keep_fold_test: bool = True  # False: delete each fold's test.npy once the experiment's test_mean.npy is whole
 
 
 @dataclass

@@ -27,7 +27,8 @@ from kfold.store.format import MANIFEST
 CONFIG = "config.yaml"
 # Keys that cannot change what a fold learns or predicts: where and how fast the data is read, how many
 # images go through the model at once. A finished fold launched again with other values is still reused.
-RESULT_NEUTRAL_KEYS = ("name", "data.root", "data.num_workers", "oof.batch_size", "tta.max_batch")
+RESULT_NEUTRAL_KEYS = ("name", "data.root", "data.num_workers", "oof.batch_size", "tta.max_batch",
+                       "oof.keep_fold_test")
 
 
 def fold_dir(out: str | Path, experiment: str, fold: int) -> Path:

@@ -7,6 +7,7 @@ last (see docs/ARCHITECTURE.md). Torch-free: the launcher, ``kfold.status`` and 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -15,6 +16,11 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 STORE_DTYPE = "float16"
+# The experiment's test probabilities averaged over its folds, written once when the last fold completes.
+# float32: a float16 mean would round near-ties and flip masks. Its record (written last) names the fold stores
+# it averages, so a fold predicted again invalidates it.
+TEST_MEAN = "test_mean.npy"
+TEST_MEAN_RECORD = "test_mean.json"
 FOLD_DIR = re.compile(r"fold(\d+)")
 PROB_TOL = 1e-3  # float16 rounding and bilinear resizing keep values in [0, 1] up to this
 SUM_TOL = 1e-2  # ... and class sums at 1 up to this
@@ -162,6 +168,14 @@ def list_experiments(runs_dir: str | Path) -> list[str]:
     if not runs_dir.is_dir():
         return []
     return sorted(p.name for p in runs_dir.iterdir() if p.is_dir() and fold_dirs(p))
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_ids(path: Path) -> list[str]:

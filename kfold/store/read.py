@@ -29,6 +29,8 @@ from kfold.store.format import (
     SAME_ACROSS_FOLDS,
     STORE_DTYPE,
     SUM_TOL,
+    TEST_MEAN,
+    TEST_MEAN_RECORD,
     StoreError,
     StoreManifest,
     fold_dirs,
@@ -48,7 +50,7 @@ class FoldArrays:
     oof_ids: list[str] = field(repr=False)
     test_ids: list[str] = field(repr=False)
     oof: np.ndarray = field(repr=False)
-    test: np.ndarray = field(repr=False)
+    test: np.ndarray | None = field(repr=False)  # None once deleted in favour of the experiment's test_mean
 
 
 @dataclass
@@ -78,6 +80,7 @@ class ExperimentStore:
     test_ids: tuple[str, ...] = field(repr=False)
     fold_arrays: list[FoldArrays] = field(repr=False)
     class_map: ClassMap | None = field(default=None, repr=False)
+    test_mean: np.ndarray | None = field(default=None, repr=False)  # float32 memmap of test_mean.npy, if valid
 
     @property
     def num_classes(self) -> int:
@@ -87,7 +90,8 @@ class ExperimentStore:
         """The manifest of ``fold``."""
         return self.fold_arrays[fold].manifest
 
-    def _check(self, probs: np.ndarray, fold: int, rows: Sequence[int], ids: Sequence[str], split: str) -> None:
+    def _check(self, probs: np.ndarray, fold: int | None, rows: Sequence[int], ids: Sequence[str], split: str
+               ) -> None:
         """Raise a StoreError naming the fold and id of the first row with NaN / out-of-range values."""
         axes = tuple(range(1, probs.ndim))
         sums = probs.sum(axis=1)
@@ -100,9 +104,12 @@ class ExperimentStore:
         flagged = [(int(np.flatnonzero(mask)[0]), what) for what, mask in bad.items() if mask.any()]
         if flagged:
             i, what = min(flagged, key=lambda x: x[0])  # first bad row; NaN before range before sums
-            arrays = self.fold_arrays[fold]
-            file = arrays.path / getattr(arrays.manifest, split)["file"]
-            raise StoreError(f"{self.name} fold {fold}: {file} row {rows[i]} (id {ids[i]!r}): {what} probabilities")
+            if fold is None:
+                where, file = self.name, self.path / TEST_MEAN
+            else:
+                arrays = self.fold_arrays[fold]
+                where, file = f"{self.name} fold {fold}", arrays.path / getattr(arrays.manifest, split)["file"]
+            raise StoreError(f"{where}: {file} row {rows[i]} (id {ids[i]!r}): {what} probabilities")
 
     def iter_oof(
         self, chunk: int = 64, ids: Sequence[str] | None = None, check: bool = False
@@ -133,15 +140,26 @@ class ExperimentStore:
                 out[pos] = block
             yield part, out
 
-    def iter_test(self, chunk: int = 64, check: bool = False) -> Iterator[tuple[list[str], np.ndarray]]:
+    def iter_test(self, chunk: int = 64, check: bool = False, from_folds: bool = False
+                  ) -> Iterator[tuple[list[str], np.ndarray]]:
         """Yield ``(ids, probs)``: float32 test probabilities averaged over the fold models, chunk by chunk.
+
+        Read from ``test_mean.npy`` when the experiment has a valid one (the same float32 values), else
+        averaged from the folds' stores.
 
         Args:
             chunk: images per step.
-            check: validate every fold's rows as in :meth:`iter_oof`.
+            check: validate every row read as in :meth:`iter_oof`.
+            from_folds: average the folds' stores even when the mean exists (to write it).
         """
         for start in range(0, len(self.test_ids), chunk):
             part = list(self.test_ids[start : start + chunk])
+            if self.test_mean is not None and not from_folds:  # one read instead of one per fold
+                block = np.array(self.test_mean[start : start + len(part)])
+                if check:
+                    self._check(block, None, range(start, start + len(part)), part, "test")
+                yield part, block
+                continue
             blocks = []
             for arrays in self.fold_arrays:
                 blocks.append(arrays.test[start : start + len(part)])
@@ -159,7 +177,7 @@ class ExperimentStore:
 
 
 def _load_split(name: str, fold: int, path: Path, manifest: StoreManifest, split: str
-                ) -> tuple[np.ndarray, list[str]]:
+                ) -> tuple[np.ndarray | None, list[str]]:
     """Open ``<split>.npy`` read-only and check it against the manifest and its ids file."""
     info = getattr(manifest, split)
     where = f"{name} fold {fold}:"
@@ -167,10 +185,12 @@ def _load_split(name: str, fold: int, path: Path, manifest: StoreManifest, split
         file, ids_file, shape = path / info["file"], path / info["ids_file"], tuple(info["shape"])
     except (KeyError, TypeError):
         raise StoreError(f"{where} {path / MANIFEST}: '{split}' needs file, ids_file and shape") from None
-    if not file.is_file():
-        raise StoreError(f"{where} {file} missing")
     if not ids_file.is_file():
         raise StoreError(f"{where} {ids_file} missing")
+    if not file.is_file() and split == "test" and (path.parent / TEST_MEAN_RECORD).is_file():
+        return None, read_ids(ids_file)  # deleted after the fold mean was written (oof.keep_fold_test false)
+    if not file.is_file():
+        raise StoreError(f"{where} {file} missing")
     try:
         array = np.load(file, mmap_mode="r")
     except (OSError, ValueError) as err:
@@ -320,7 +340,43 @@ def open_experiment(runs_dir: str | Path, name: str, k: int | None = None) -> Ex
         fold_of={i: oof_index[i][0] for i in ids}, oof_index={i: oof_index[i] for i in ids},
         image_size=tuple(ref.image_size), store_size=tuple(ref.store_size), oof_scale=float(ref.oof_scale),
         folds_sha256=ref.folds_sha256, data_root=ref.data_root, test_ids=tuple(arrays[0].test_ids),
-        fold_arrays=arrays, class_map=_class_map(name, ref))
+        fold_arrays=arrays, class_map=_class_map(name, ref), test_mean=_open_test_mean(name, exp_dir, arrays))
+
+
+def fold_test_digests(arrays: Sequence[FoldArrays]) -> list[dict[str, Any]]:
+    """What identifies each fold's test store: the sha256 its manifest recorded, else (older stores) the file's
+    size and modification time."""
+    digests = []
+    for fa in arrays:
+        if fa.manifest.scores.get("test_sha256"):
+            digests.append({"sha256": fa.manifest.scores["test_sha256"]})
+        else:
+            stat = (fa.path / fa.manifest.test["file"]).stat()
+            digests.append({"size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    return digests
+
+
+def _open_test_mean(name: str, exp_dir: Path, arrays: list[FoldArrays]) -> np.ndarray | None:
+    """The experiment's ``test_mean.npy`` when its record names exactly these fold stores, else None."""
+    record_file = exp_dir / TEST_MEAN_RECORD
+    deleted = [fa for fa in arrays if fa.test is None]
+    mean = None
+    if record_file.is_file():
+        try:
+            record = json.loads(record_file.read_text())
+            digests = ([{"sha256": fa.manifest.scores.get("test_sha256")} for fa in arrays] if deleted
+                       else fold_test_digests(arrays))
+            if record.get("folds") == digests:
+                mean = np.load(exp_dir / TEST_MEAN, mmap_mode="r")
+        except (OSError, ValueError):
+            mean = None
+    expected = (len(arrays[0].test_ids), arrays[0].manifest.num_classes, *arrays[0].manifest.store_size)
+    if mean is not None and (mean.shape != expected or mean.dtype != np.float32):
+        mean = None
+    if mean is None and deleted:
+        raise StoreError(f"{name} fold {deleted[0].fold}: {deleted[0].path / 'test.npy'} missing and "
+                         f"{record_file} does not match the folds")
+    return mean
 
 
 def _class_map(name: str, manifest: StoreManifest) -> ClassMap | None:

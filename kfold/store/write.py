@@ -32,8 +32,16 @@ from kfold.data.transforms import EvalTransform
 from kfold.metrics import DepthMeter, confusion_matrix_torch, iou_per_class, mean_iou, pixel_accuracy
 from kfold.splits import folds_sha256 as root_folds_sha256
 from kfold.splits import read_folds
-from kfold.store.format import MANIFEST, STORE_DTYPE, StoreManifest, store_size
-from kfold.store.read import full_res_argmax
+from kfold.store.format import (
+    MANIFEST,
+    STORE_DTYPE,
+    TEST_MEAN,
+    TEST_MEAN_RECORD,
+    StoreManifest,
+    sha256_of,
+    store_size,
+)
+from kfold.store.read import ExperimentStore, fold_test_digests, full_res_argmax
 from tta import TTAConfig, TTAOutput, predict_tta
 
 Batch = dict[str, Any]
@@ -248,6 +256,7 @@ def predict_fold(model: nn.Module, recipe: Recipe, root: DataRoot, fold: int, va
     test = test_scorer.metrics(T, root.classes, []) if test_scorer else None
     write_final_metrics(run_dir, metrics, test, root.classes)
     manifest = fold_manifest(recipe, root, experiment, fold, folds, len(val_ids), folds_sha256, metrics)
+    manifest.scores["test_sha256"] = sha256_of(run_dir / "test.npy")  # names this store in the fold mean
     write_json(run_dir / MANIFEST, manifest.to_dict())
     return {**metrics, "test": test}
 
@@ -285,3 +294,32 @@ def write_final_metrics(run_dir: Path, validation: dict[str, Any], test: dict[st
     if test is not None:
         rows["test"] = column(test)
     write_text(run_dir / "final_metrics.csv", final_table(rows))
+
+
+def write_test_mean(store: ExperimentStore, keep_fold_test: bool = True) -> Path:
+    """Write ``test_mean.npy`` (float32 fold mean of the test stores, chunk by chunk) and its record, last.
+
+    Args:
+        store: a complete experiment (its folds' test stores present).
+        keep_fold_test: keep the folds' ``test.npy``; False deletes them once the mean is whole (their
+            manifests keep the sha256 the record names).
+
+    Returns:
+        The path of the mean.
+    """
+    path = store.path / TEST_MEAN
+    (store.path / TEST_MEAN_RECORD).unlink(missing_ok=True)  # never a record beside a mean being rewritten
+    shape = (len(store.test_ids), store.num_classes, *store.store_size)
+    with open_npy(path, shape, dtype="float32") as out:
+        start = 0
+        for ids, probs in store.iter_test(check=True, from_folds=True):
+            out[start : start + len(ids)] = probs
+            start += len(ids)
+    record = {"folds": fold_test_digests(store.fold_arrays), "shape": list(shape), "dtype": "float32",
+              "test_ids": list(store.test_ids), "created": datetime.now(UTC).isoformat(timespec="seconds")}
+    write_json(store.path / TEST_MEAN_RECORD, record)
+    if not keep_fold_test:
+        for fa in store.fold_arrays:
+            if fa.manifest.scores.get("test_sha256"):  # older stores without a digest keep their test.npy
+                (fa.path / fa.manifest.test["file"]).unlink(missing_ok=True)
+    return path
