@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +101,7 @@ class FoldJob:
     fold: int
     out: str
     threads: int | None = None
-    launcher: str = "local"
-    attempts: int = field(default=0)
+    attempts: int = 0
 
     def __call__(self) -> int:
         import submitit
@@ -143,8 +142,7 @@ class FoldJob:
         import submitit
 
         update_job_record(fold_dir(self.out, self.name, self.fold), state="requeued", requeued=_now())
-        again = FoldJob(self.name, self.base, self.argv, self.fold, self.out, self.threads, self.launcher,
-                        self.attempts + 1)
+        again = FoldJob(self.name, self.base, self.argv, self.fold, self.out, self.threads, self.attempts + 1)
         return submitit.helpers.DelayedSubmission(again)
 
 
@@ -194,7 +192,7 @@ def _run_local(name: str, base: dict[str, Any], args: argparse.Namespace, folds:
                 executor.update_parameters(timeout_min=FOREVER_MIN, tasks_per_node=1,
                                            gpus_per_node=1 if gpu is not None else 0,
                                            visible_gpus=[gpu] if gpu is not None else [])
-                job = executor.submit(FoldJob(name, base, cmd, fold, args.out, threads, "local"))
+                job = executor.submit(FoldJob(name, base, cmd, fold, args.out, threads))
                 _record_submission(job, args.out, name, fold, "local")
                 running[fold] = (job, gpu)
                 print(f"{name} fold {fold}: started job {job.job_id}" + (f" on GPU {gpu}" if gpu is not None else ""))
@@ -258,7 +256,7 @@ def _submit_slurm(name: str, base: dict[str, Any], args: argparse.Namespace, fol
     except (ValueError, TypeError) as err:
         raise ConfigError(f"--slurm: {' '.join(str(err).split())}") from None
     threads = args.cpus_per_fold
-    jobs = executor.submit_array([FoldJob(name, base, cmd, fold, args.out, threads, "slurm") for fold in folds])
+    jobs = executor.submit_array([FoldJob(name, base, cmd, fold, args.out, threads) for fold in folds])
     for fold, job in zip(folds, jobs):
         _record_submission(job, args.out, name, fold, "slurm")
         print(f"{name} fold {fold}: submitted job {job.job_id}")
