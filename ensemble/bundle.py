@@ -5,7 +5,6 @@ and temperatures. Opened from ``runs/`` + ``submissions/NAME.json``, or from a f
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from foldwise.io import sha256_file
 from kfold.config import Recipe, from_dict, load_recipe, to_dict
 from kfold.store.read import open_experiment
 
@@ -52,14 +52,6 @@ class BlendBundle:
             recipe.tta.scales = tuple(float(s) for s in scales)
             members.append(dataclasses.replace(m, recipe=recipe))
         return dataclasses.replace(self, members=tuple(members))
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_blend_record(path: Path) -> dict[str, Any]:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import yaml
 
-from ensemble.bundle import BLEND_FILE, EXPORT_FORMAT, BlendBundle, open_from_runs, sha256_file
+from ensemble.bundle import BLEND_FILE, EXPORT_FORMAT, BlendBundle, open_from_runs
 from foldwise.cli import ArgumentParser, run_entry_point
-from foldwise.io import staged_folder, write_text
+from foldwise.io import sha256_file, staged_folder, write_text
 from kfold.config import to_dict
 
 README = """This folder is the blend {name!r}, exported by foldwise (python -m ensemble.export).

@@ -63,14 +63,11 @@ def write_config(run_dir: Path, recipe: Recipe, data_root: Path, fold: int, fold
     write_text(run_dir / CONFIG, yaml.safe_dump(info, sort_keys=False))
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and key != "class_weights":
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+def _flatten(recipe: dict[str, Any]) -> dict[str, Any]:
+    """``{"optim.lr": 1e-4, ...}``: one entry per recipe key; mapping values (class weights, key maps) whole."""
+    return {f"{section}.{key}" if isinstance(fields, dict) else section: value
+            for section, fields in recipe.items()
+            for key, value in (fields.items() if isinstance(fields, dict) else [(None, fields)])}
 
 
 def recipe_differences(run_dir: Path, recipe: Recipe, data_root: Path | None = None,

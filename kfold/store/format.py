@@ -7,7 +7,6 @@ last (see docs/ARCHITECTURE.md). Torch-free: the launcher, ``kfold.status`` and 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -168,14 +167,6 @@ def list_experiments(runs_dir: str | Path) -> list[str]:
     if not runs_dir.is_dir():
         return []
     return sorted(p.name for p in runs_dir.iterdir() if p.is_dir() and fold_dirs(p))
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_ids(path: Path) -> list[str]:

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from foldwise.io import atomic_path, save_npy, write_json, write_text
+from foldwise.io import atomic_path, save_npy, sha256_file, write_json, write_text
 from kfold.config import Recipe
 from kfold.data.dataset import SegmentationDataset
 from kfold.data.layout import DataRoot
@@ -38,7 +38,6 @@ from kfold.store.format import (
     TEST_MEAN,
     TEST_MEAN_RECORD,
     StoreManifest,
-    sha256_of,
     store_size,
 )
 from kfold.store.read import ExperimentStore, fold_test_digests, full_res_argmax
@@ -256,7 +255,7 @@ def predict_fold(model: nn.Module, recipe: Recipe, root: DataRoot, fold: int, va
     test = test_scorer.metrics(T, root.classes, []) if test_scorer else None
     write_final_metrics(run_dir, metrics, test, root.classes)
     manifest = fold_manifest(recipe, root, experiment, fold, folds, len(val_ids), folds_sha256, metrics)
-    manifest.scores["test_sha256"] = sha256_of(run_dir / "test.npy")  # names this store in the fold mean
+    manifest.scores["test_sha256"] = sha256_file(run_dir / "test.npy")  # names this store in the fold mean
     write_json(run_dir / MANIFEST, manifest.to_dict())
     return {**metrics, "test": test}
 
