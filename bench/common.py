@@ -11,6 +11,7 @@ Sizes come in three modes: ``full`` (no flag), ``--quick`` (the whole suite in m
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import platform
 import time
@@ -20,20 +21,28 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from foldwise.io import write_json, write_text
 from kfold.data.layout import open_root
 from kfold.data.synthetic import generate
 from kfold.splits import ensure_folds, folds_sha256, read_folds
-from kfold.store.format import StoreManifest
+from kfold.store.format import STORE_DTYPE, TEST_MEAN, TEST_MEAN_RECORD, StoreManifest
 from kfold.store.write import open_npy
 
 MODES = ("full", "quick", "tiny")
 
 
-def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """``--quick`` / ``--tiny`` (default: full sizes); ``args.mode`` is one of :data:`MODES`."""
+def parse_args(description: str, argv: Sequence[str] | None = None,
+               add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """``--quick`` / ``--tiny`` (default: full sizes); ``args.mode`` is one of :data:`MODES`.
+
+    Args:
+        add_arguments: adds a script's own flags to the parser.
+    """
     p = argparse.ArgumentParser(description=description)
+    if add_arguments is not None:
+        add_arguments(p)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_true", help="sizes for the whole suite in a few minutes")
     group.add_argument("--tiny", action="store_true", help="seconds; keeps the script from rotting")
@@ -155,10 +164,16 @@ def complementary_models(n_models: int, num_classes: int, seed: int = 0) -> list
 
 
 def write_fake_experiment(runs: Path, name: str, root_path: Path, skill: np.ndarray, confidence: float,
-                          seed: int, scale: float = 0.5) -> None:
+                          seed: int, scale: float = 0.5, fold_test: bool = True, progress: bool = False) -> None:
     """One complete experiment store (every fold), in the on-disk format ``kfold.store.write`` writes.
 
     Probabilities come from :func:`fake_probs` on the labels nearest-downsampled to the store size.
+
+    Args:
+        fold_test: write each fold's ``test.npy``; False writes what ``oof.keep_fold_test false`` leaves
+            behind instead: the experiment's float32 ``test_mean.npy`` and its record, no fold test stores
+            (at NYUv2 size, 5 fold test stores per model would not fit on the disk).
+        progress: a tqdm bar over the images written.
     """
     root = open_root(root_path, verify=False)
     folds, sha = read_folds(root), folds_sha256(root)
@@ -171,21 +186,36 @@ def write_fake_experiment(runs: Path, name: str, root_path: Path, skill: np.ndar
     def small(split: str, ids: Sequence[str]) -> np.ndarray:
         return np.stack([root.label(split, i)[rows[:, None], cols[None, :]] for i in ids])
 
+    bar = tqdm(total=len(folds) + len(root.test_ids) * (k if fold_test else 1), desc=f"write {name}",
+               unit="img", disable=not progress)
+
+    def write_probs(path: Path, ids: Sequence[str], split: str, rng: np.random.Generator, dtype: str) -> None:
+        with open_npy(path, (len(ids), C, h, w), dtype) as out:
+            for start in range(0, len(ids), 32):  # row blocks, as predict.py streams batches
+                part = ids[start : start + 32]
+                out[start : start + len(part)] = fake_probs(small(split, part), skill, confidence, rng)
+                bar.update(len(part))
+
+    digests = []
     for f in range(k):
         rng = np.random.default_rng([seed, f])
         d = runs / name / f"fold{f}"
         val = sorted(i for i, g in folds.items() if g == f)
-        shapes = {}
-        for split, ids, label_split in (("oof", val, "train"), ("test", root.test_ids, "test")):
-            shape = (len(ids), C, h, w)
-            shapes[split] = shape
-            with open_npy(d / f"{split}.npy", shape) as out:
-                for start in range(0, len(ids), 32):  # row blocks, as predict.py streams batches
-                    part = ids[start : start + 32]
-                    out[start : start + len(part)] = fake_probs(small(label_split, part), skill, confidence, rng)
+        write_probs(d / "oof.npy", val, "train", rng, STORE_DTYPE)
+        if fold_test:
+            write_probs(d / "test.npy", root.test_ids, "test", rng, STORE_DTYPE)
+        # Without fold test stores, the digest a deleted store's manifest keeps names the fold for the mean.
+        scores = {} if fold_test else {"test_sha256": hashlib.sha256(f"{name}/fold{f}".encode()).hexdigest()}
+        digests.append({"sha256": scores.get("test_sha256")})
+        for split, ids in (("oof", val), ("test", root.test_ids)):
             write_text(d / f"{split}_ids.txt", "".join(f"{i}\n" for i in ids))
         write_json(d / "manifest.json", StoreManifest.new(
             experiment=name, fold=f, k_folds=k, n_train=len(folds), classes=root.classes, image_size=(H, W),
             store_size=(h, w), oof_scale=scale, n_oof=len(val), n_test=len(root.test_ids),
             tta={"scales": [1.0], "hflip": False, "temperature": 1.0}, temperatures=[1.0], folds_sha256=sha,
-            data_root=root.path).to_dict())
+            data_root=root.path, scores=scores).to_dict())
+    if not fold_test:
+        write_probs(runs / name / TEST_MEAN, root.test_ids, "test", np.random.default_rng([seed, k]), "float32")
+        write_json(runs / name / TEST_MEAN_RECORD, {"folds": digests, "shape": [len(root.test_ids), C, h, w],
+                                                    "dtype": "float32", "test_ids": list(root.test_ids)})
+    bar.close()

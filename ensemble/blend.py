@@ -22,6 +22,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,9 @@ import numpy as np
 
 from ensemble.nested import FoldResult, default_workers, fit_pool, nested_cv
 from ensemble.optimize import METHODS, BlendOptions, BlendResult, fit_blend
+from ensemble.passes import predict_test, score_full_res
 from ensemble.plots import plot_per_class, plot_weights
-from ensemble.stores import Members, build_sample, open_members, predict_test, score_full_res
+from ensemble.stores import Members, build_sample, open_members
 from foldwise.cli import ArgumentParser, run_entry_point
 from foldwise.io import write_json
 from foldwise.leaderboard import leaderboard_row
@@ -58,7 +60,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-temperature", action="store_true", help="keep every temperature at 1")
     p.add_argument("--dry-run", action="store_true", help="report without writing anything")
     p.add_argument("--out-dir", type=Path, default=Path("submissions"))
-    p.add_argument("--chunk", type=int, default=32, help="images per streamed chunk")
+    p.add_argument("--chunk", type=int, default=8,
+                   help="images per streamed chunk (memory: ~ chunk x members x the candidates' temperatures)")
     p.add_argument("--workers", type=int, default=None,
                    help="processes for the fits (default: one per fit, at most one per CPU; 1 = no pool)")
     args = p.parse_args(argv)
@@ -114,25 +117,21 @@ class Laps:
         self.seconds[step], self._clock = now - self._clock, now
 
 
-def fit_with_nested(sample: Any, num_classes: int, folds: int, options: BlendOptions, workers: int | None
+def fit_with_nested(sample: Any, num_classes: int, folds: int, options: BlendOptions, pool: Executor | None
                     ) -> tuple[BlendResult, list[FoldResult]]:
     """The in-sample fit and the nested-CV fits; independent, so with a pool they run side by side."""
     fit_args = (sample.probs, sample.labels, sample.weights, num_classes, options)
-    pool = fit_pool(workers or default_workers(folds + 1))
-    try:
-        in_sample = pool.submit(fit_blend, *fit_args) if pool else None
-        _, nested = nested_cv(sample.probs, sample.labels, sample.weights, sample.fold, num_classes, options, pool)
-        fit = in_sample.result() if in_sample else fit_blend(*fit_args)
-    finally:
-        if pool:
-            pool.shutdown(cancel_futures=True)
+    in_sample = pool.submit(fit_blend, *fit_args) if pool else None
+    _, nested = nested_cv(sample.probs, sample.labels, sample.weights, sample.fold, num_classes, options, pool)
+    fit = in_sample.result() if in_sample else fit_blend(*fit_args)
     if sorted(r.fold for r in nested) != list(range(folds)):
         raise ValueError(f"the pixel sample misses fold(s) {sorted(set(range(folds)) - {r.fold for r in nested})}; "
                          f"raise --pixels")
     return fit, nested
 
 
-def score_oof(members: Members, fit: BlendResult, nested: list[FoldResult], chunk: int) -> dict[str, np.ndarray]:
+def score_oof(members: Members, fit: BlendResult, nested: list[FoldResult], chunk: int, pool: Executor | None,
+              workers: int) -> dict[str, np.ndarray]:
     """Full-resolution OOF confusion matrices of the blend, its nested estimate and each member.
 
     Per-class weights: the global blend they started from is scored too, in-sample and nested, so the
@@ -144,11 +143,11 @@ def score_oof(members: Members, fit: BlendResult, nested: list[FoldResult], chun
     if "global" in fit.candidate_params and all("global" in r.fit.candidate_params for r in nested):
         blends["global"] = dict.fromkeys(range(k), fit.candidate_params["global"])
         blends["global_nested"] = {r.fold: r.fit.candidate_params["global"] for r in nested}
-    return score_full_res(members, blends, chunk, score_members=True)
+    return score_full_res(members, blends, chunk, score_members=True, pool=pool, workers=workers)
 
 
 def submit_and_score(members: Members, fit: BlendResult, args: argparse.Namespace, csv_path: Path,
-                     laps: Laps) -> tuple[Any, dict[str, Any] | None]:
+                     laps: Laps, pool: Executor | None, workers: int) -> tuple[Any, dict[str, Any] | None]:
     """Write (or, dry run, only check) the submission; score it and each member on the test labels, if any."""
     C = members.num_classes
     if not members.root.test_ids:
@@ -157,7 +156,7 @@ def submit_and_score(members: Members, fit: BlendResult, args: argparse.Namespac
     if members.root.has_test_labels:
         cm, member_cms = np.zeros((C, C), dtype=np.int64), [np.zeros((C, C), dtype=np.int64) for _ in members.names]
     sample_sub = members.root.path / "sample_submission.csv"
-    test_probs = predict_test(members, (fit.weights, fit.temperatures), args.chunk, cm, member_cms)
+    test_probs = predict_test(members, (fit.weights, fit.temperatures), args.chunk, cm, member_cms, pool, workers)
     summary = write_submission(csv_path, test_probs, C, args.order, sample_sub if sample_sub.is_file() else None,
                                members.root.test_ids, args.dry_run)
     laps("submission")
@@ -192,14 +191,21 @@ def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -
     laps("sample")
     options = BlendOptions(args.method, fit_temperature=not args.no_temperature, per_class=args.per_class,
                            seed=args.seed)
-    fit, nested = fit_with_nested(sample, C, k, options, args.workers)
-    log(fit.message)
-    laps("fit + nested")
-    cms = score_oof(members, fit, nested, args.chunk)
-    laps("full-res scoring")
     name = args.name or default_name(method_label(args.method, args.per_class), names)
     csv_path = Path(args.out_dir) / f"{name}.csv"
-    summary, test = submit_and_score(members, fit, args, csv_path, laps)
+    # One pool of worker processes for the fits and for both passes over the images.
+    workers = args.workers or default_workers(k + 1)
+    pool = fit_pool(workers)
+    try:
+        fit, nested = fit_with_nested(sample, C, k, options, pool)
+        log(fit.message)
+        laps("fit + nested")
+        cms = score_oof(members, fit, nested, args.chunk, pool, workers)
+        laps("full-res scoring")
+        summary, test = submit_and_score(members, fit, args, csv_path, laps, pool, workers)
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
     has_global = "global" in cms
     record = {
         "name": name, "method": args.method, "per_class": args.per_class, "members": names,

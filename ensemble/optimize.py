@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -38,7 +38,7 @@ from ensemble.search import (
     weighted_confusion,
 )
 from ensemble.surrogate import Surrogate
-from tta.functional import apply_temperature
+from tta.functional import apply_temperature, log_probs, tempered_from_log
 
 METHODS = ("slsqp", "hillclimb", "uniform")
 
@@ -69,6 +69,7 @@ def blend_probs(
     weights: Sequence[float] | Sequence[Sequence[float]] | np.ndarray,
     temperatures: Sequence[float] | None = None,
     axis: int = -1,
+    tempered: Callable[[int, float], Tensor] | None = None,
 ) -> np.ndarray | Tensor:
     """Weighted mean of re-tempered probabilities, float32: sum_m w_m * softmax(log p_m / T_m).
 
@@ -81,6 +82,8 @@ def blend_probs(
             weights summing to 1, per class for per-class weights).
         temperatures: one T > 0 per model; None = all 1 (still renormalised).
         axis: class axis.
+        tempered: ``(model index, T) -> softmax(log p / T)`` of ``model_probs``, e.g. a cache shared by
+            several blends of the same probabilities (:class:`TemperedCache`); default: computed here.
 
     Returns:
         numpy float32 when every input is numpy, else a torch float32 tensor.
@@ -101,9 +104,34 @@ def blend_probs(
         if not (np.ndim(w) == 0 or np.shape(w) == (n_classes,)):
             raise ValueError(f"model {i} weight must be a number or {n_classes} per-class numbers, got {w!r}")
     out = None
-    for p, w, temp in zip(tensors, weights, temps):
-        out = accumulate_weighted(out, apply_temperature(p, float(temp), dim=axis), class_weight(w, len(shape), axis))
+    for i, (p, w, temp) in enumerate(zip(tensors, weights, temps)):
+        q = apply_temperature(p, float(temp), dim=axis) if tempered is None else tempered(i, float(temp))
+        out = accumulate_weighted(out, q, class_weight(w, len(shape), axis))
     return out.numpy() if as_numpy else out
+
+
+class TemperedCache:
+    """``(model index, T) -> softmax(log p / T)`` of fixed probabilities, each log and each (model, T) computed
+    once: the candidate blends of a chunk (in-sample, nested, global) share most of them. The same float32
+    operations as ``apply_temperature``, so the same values.
+
+    Args:
+        model_probs: one tensor per model, classes along ``axis``.
+        axis: class axis.
+    """
+
+    def __init__(self, model_probs: Sequence[Tensor], axis: int = 1):
+        self.model_probs, self.axis = model_probs, axis
+        self._log: dict[int, Tensor] = {}
+        self._tempered: dict[tuple[int, float], Tensor] = {}
+
+    def __call__(self, i: int, temperature: float) -> Tensor:
+        key = (i, float(temperature))
+        if key not in self._tempered:
+            if i not in self._log:
+                self._log[i] = log_probs(self.model_probs[i])
+            self._tempered[key] = tempered_from_log(self._log[i], float(temperature), self.axis)
+        return self._tempered[key]
 
 
 def score_blend(
@@ -173,9 +201,9 @@ def _fit_slsqp(
     # basin, so it sees a uniform subsample (weights stay unbiased); the polish uses every sample pixel.
     n = len(ev.labels)
     sub = torch.from_numpy(np.sort(rng.choice(n, surrogate_pixels, replace=False))) if n > surrogate_pixels else None
-    pick = (lambda t: t) if sub is None else (lambda t: t[sub])
+    pick = (lambda t: t) if sub is None else (lambda t: t[..., sub])
     sur = Surrogate([pick(p) for p in ev.probs], pick(ev.labels), pick(ev.sample_weight), fit_temperature,
-                    per_class=k > 1)
+                    per_class=k > 1)  # ev.probs are class-major (C, P), as the surrogate takes them
     x, parts = x0, []
     for tau in sharpness:  # continuation: a smoother surface first, then one closer to the argmax
         sur.sharpness = tau

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from kfold.metrics import mean_iou
+from tta.argmax import class_argmax
 from tta.functional import apply_temperature
 
 T_BOUNDS = (0.5, 2.0)
@@ -89,7 +90,9 @@ class Evaluator:
             raise ValueError(f"sample_weight must be ({n},) and > 0, got shape {np.shape(sample_weight)}")
         if n == 0 or labels.min() < 0 or labels.max() >= num_classes:
             raise ValueError(f"labels must be a non-empty (P,) array in [0, {num_classes})")
-        self.probs = [torch.from_numpy(np.ascontiguousarray(p, dtype=np.float32)) for p in model_probs]
+        # Held class-major (C, P): softmax and argmax over a short last axis are ~10x slower in torch on CPU
+        # (measured on (300k, 13) float32: softmax 70 ms vs 4.9 ms, argmax 15 ms vs ~2 ms).
+        self.probs = [torch.from_numpy(np.ascontiguousarray(np.asarray(p, dtype=np.float32).T)) for p in model_probs]
         self.labels = torch.from_numpy(labels.astype(np.int64))
         self.sample_weight = torch.from_numpy(np.asarray(sample_weight, dtype=np.float64))
         self._labels_np, self._weight_np = self.labels.numpy(), self.sample_weight.numpy()
@@ -99,12 +102,12 @@ class Evaluator:
         self._cache: dict[tuple[int, float], Tensor] = {}
 
     def tempered(self, i: int, temperature: float) -> Tensor:
-        """softmax(log p_i / T), float32 (P, C); a small cache keeps the most recent ones."""
+        """softmax(log p_i / T), float32 (C, P); a small cache keeps the most recent ones."""
         key = (i, float(temperature))
         if key not in self._cache:
             if len(self._cache) >= 3 * self.n_models:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = apply_temperature(self.probs[i], float(temperature), dim=1)
+            self._cache[key] = apply_temperature(self.probs[i], float(temperature), dim=0)
         return self._cache[key]
 
     def score_pred(self, pred: Tensor) -> float:
@@ -113,13 +116,53 @@ class Evaluator:
         cm = weighted_confusion(self._labels_np, pred.numpy(), self._weight_np, self.num_classes)
         return float(mean_iou(cm))
 
-    def miou(self, weights: np.ndarray, temperatures: np.ndarray) -> float:
-        """Weighted true mIoU of argmax(sum_m w_m softmax(log p_m / T_m)); weights (M,) or per class (M, C)."""
+    def blend(self, weights: np.ndarray, temperatures: np.ndarray) -> Tensor:
+        """sum_m w_m softmax(log p_m / T_m), float32 (C, P); weights (M,) or per class (M, C)."""
         acc = None
         for i, (w, t) in enumerate(zip(weights, temperatures)):
             if np.any(w != 0):
-                acc = accumulate_weighted(acc, self.tempered(i, t), class_weight(w, 2, 1))
-        return self.score_pred(acc.argmax(dim=1))
+                acc = accumulate_weighted(acc, self.tempered(i, t), class_weight(w, 2, 0))
+        return acc
+
+    def miou(self, weights: np.ndarray, temperatures: np.ndarray) -> float:
+        """Weighted true mIoU of argmax(sum_m w_m softmax(log p_m / T_m)); weights (M,) or per class (M, C)."""
+        return self.score_pred(class_argmax(self.blend(weights, temperatures), 0))
+
+
+class ColumnMoves:
+    """True mIoU of per-class weights that differ from a base point in one class's column only.
+
+    Such a move changes one column of the blend: its values are recomputed alone (the same float32 ops, in
+    the same order, as :meth:`Evaluator.blend`, so bit-identical) and compared with the best of the other
+    classes, kept from the base point. A per-class polish evaluates ~C x more moves than a global one;
+    this makes each ~1/C of a full evaluation.
+
+    Args:
+        ev: the evaluator (counts the evaluations).
+        weights: (M, C) base weights. temperatures: (M,) base temperatures (moves keep them).
+    """
+
+    def __init__(self, ev: Evaluator, weights: np.ndarray, temperatures: np.ndarray):
+        self.ev, self.temperatures = ev, np.asarray(temperatures)
+        acc = ev.blend(weights, temperatures)
+        self.best_value, self.best_index = acc.max(dim=0)  # first index of the maximum, as argmax
+        acc[self.best_index, torch.arange(acc.shape[1])] = -torch.inf
+        self.second_value, self.second_index = acc.max(dim=0)
+
+    def miou(self, weights: np.ndarray, c: int) -> float:
+        """Weighted true mIoU of ``weights``, equal to the base point outside column ``c``."""
+        column = None
+        for i, (w, t) in enumerate(zip(weights, self.temperatures)):
+            if np.any(w != 0):
+                column = accumulate_weighted(column, self.ev.tempered(i, t)[c],
+                                             torch.tensor([w[c]], dtype=torch.float32))
+        # The best class other than c: the base's best, or its second where the base's best was c.
+        base_is_c = self.best_index == c
+        other_value = torch.where(base_is_c, self.second_value, self.best_value)
+        other_index = torch.where(base_is_c, self.second_index, self.best_index)
+        # argmax keeps the first of tied classes: c wins a tie only against a later class.
+        wins = (column > other_value) | ((column == other_value) & (other_index > c))
+        return self.ev.score_pred(torch.where(wins, c, other_index))
 
 
 def pattern_search(
@@ -140,6 +183,7 @@ def pattern_search(
     moves = [("w", i, j) for i, j in pairs]
     if fit_temperature:
         moves += [("t", i, sign) for i in range(m) for sign in (1, -1)]
+    columns = None  # ColumnMoves of the current point (per-class weights), made on first use
     while used < max_evals and step_w >= 0.01:
         best = None
         for kind, i, j in moves:
@@ -154,7 +198,11 @@ def pattern_search(
                 d = abs(ct[i] - log_t[i])
             if d <= 1e-12:
                 continue
-            val = ev.miou(cw, np.exp(ct))
+            if kind == "w" and w.ndim == 2:
+                columns = columns or ColumnMoves(ev, w, np.exp(log_t))
+                val = columns.miou(cw, i[1])
+            else:
+                val = ev.miou(cw, np.exp(ct))
             used += 1
             if val > cur + 1e-12 and (best is None or val > best[0]):
                 best = (val, cw, ct)
@@ -162,6 +210,7 @@ def pattern_search(
             step_w, step_t = step_w / 2, step_t / 2
         else:
             cur, w, log_t = best
+            columns = None
     return w, log_t, cur
 
 
@@ -181,7 +230,7 @@ def hillclimb(
     trace, picks = [], []
     for _ in range(rounds):
         # argmax of (sum + q_i) equals argmax of the mean: no division needed.
-        scores = np.array([ev.score_pred((acc + q).argmax(dim=1)) for q in tempered])
+        scores = np.array([ev.score_pred(class_argmax(acc + q, 0)) for q in tempered])
         ties = np.flatnonzero(scores == scores.max())
         pick = int(ties[0] if len(ties) == 1 else rng.choice(ties))
         acc += tempered[pick]

@@ -7,7 +7,7 @@ resolution, then upsampled bilinearly (align_corners=False) to the label size be
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ensemble.optimize import blend_probs
+from ensemble.optimize import TemperedCache, blend_probs
 from ensemble.sampling import gather_pixels, stratified_pixel_sample
 from kfold.data.layout import DataRoot, open_root
-from kfold.metrics import confusion_matrix
 from kfold.splits import FOLDS_FILE, folds_sha256
 from kfold.store.format import StoreError, list_experiments
 from kfold.store.read import ExperimentStore, full_res_argmax, open_experiment
@@ -47,6 +46,11 @@ class Members:
 
     stores: list[ExperimentStore]
     root: DataRoot
+    runs_dir: Path  # with the names and the root's path: what a worker process needs to open them again
+
+    def reopen_args(self) -> tuple[str, list[str], str]:
+        """``open_members`` arguments that open these members again (in a worker process)."""
+        return str(self.runs_dir), self.names, str(self.root.path)
 
     @property
     def names(self) -> list[str]:
@@ -102,9 +106,10 @@ class Members:
         for parts in zip(*iters):
             yield parts[0][0], [self.on_grid(p) if on_grid else torch.from_numpy(p) for _, p in parts]
 
-    def iter_test(self, chunk: int) -> Iterator[tuple[list[str], list[torch.Tensor]]]:
-        """Yield ``(ids, [probs per member])``: each member's test probabilities averaged over its folds."""
-        iters = [s.iter_test(chunk, check=True) for s in self.stores]
+    def iter_test(self, chunk: int, rows: range | None = None) -> Iterator[tuple[list[str], list[torch.Tensor]]]:
+        """Yield ``(ids, [probs per member])``: each member's test probabilities averaged over its folds
+        (test rows ``rows``, default all)."""
+        iters = [s.iter_test(chunk, check=True, rows=rows) for s in self.stores]
         for parts in zip(*iters):
             yield parts[0][0], [self.on_grid(p) for _, p in parts]
 
@@ -186,7 +191,7 @@ def open_members(
     missing = sorted(set(ref.ids) - set(root.train_ids))
     if missing:
         raise StoreError(f"{root.path}: train id {missing[0]!r} of {ref.name} has no image in this root")
-    return Members(stores, root), skipped
+    return Members(stores, root, Path(runs_dir)), skipped
 
 
 @dataclass
@@ -248,79 +253,18 @@ def build_sample(members: Members, n_pixels: int, seed: int, chunk: int) -> Pixe
     return PixelSample(probs=probs, labels=labels, weights=weights, fold=fold)
 
 
-def blend_on_grid(probs: Sequence[torch.Tensor], params: Params) -> torch.Tensor:
-    """The blend's probabilities (n, C, h, w) on the grid: each member tempered and weighted."""
+def blend_on_grid(probs: Sequence[torch.Tensor], params: Params, tempered: TemperedCache | None = None
+                  ) -> torch.Tensor:
+    """The blend's probabilities (n, C, h, w) on the grid: each member tempered and weighted.
+
+    Args:
+        tempered: a cache of ``probs`` re-tempered, shared by several blends of them (same values).
+    """
     weights, temps = params
-    return blend_probs(list(probs), list(weights), list(temps), axis=1)
+    return blend_probs(list(probs), list(weights), list(temps), axis=1, tempered=tempered)
 
 
-def blend_argmax(probs: Sequence[torch.Tensor], params: Params, size: tuple[int, int]) -> torch.Tensor:
+def blend_argmax(probs: Sequence[torch.Tensor], params: Params, size: tuple[int, int],
+                 tempered: TemperedCache | None = None) -> torch.Tensor:
     """Class ids (n, H, W) uint8 of a blend: blended on the grid, upsampled bilinearly, argmax."""
-    return full_res_argmax(blend_on_grid(probs, params), size)
-
-
-def score_full_res(
-    members: Members,
-    blends: Mapping[str, Mapping[int, Params]],
-    chunk: int,
-    score_members: bool = False,
-) -> dict[str, np.ndarray]:
-    """Confusion matrices at full resolution over every OOF pixel, in one streamed pass.
-
-    Args:
-        members: the blend's stores.
-        blends: name -> {fold: (weights, temperatures)}: each image is blended with its own fold's
-            parameters (the same ones for every fold for an in-sample blend; per fold for nested CV).
-        chunk: images per streamed chunk.
-        score_members: also score each member's stored probabilities as they are (as ``score_experiment``).
-
-    Returns:
-        name (and member name) -> (C, C) int64 confusion matrix.
-    """
-    C, size = members.num_classes, members.image_size
-    cms = {name: np.zeros((C, C), dtype=np.int64) for name in blends}
-    if score_members:
-        cms.update({name: np.zeros((C, C), dtype=np.int64) for name in members.names})
-    chunks = _progress(members.iter_oof(chunk, on_grid=False), len(members.ids), chunk, "blend: full-res OOF score")
-    for ids, raw in chunks:
-        probs = [members.on_grid(p) for p in raw]
-        labels = members.labels(ids)
-        fold = np.asarray([members.fold_of[i] for i in ids])
-        for name, by_fold in blends.items():
-            for f in np.unique(fold):
-                sel = torch.from_numpy(np.flatnonzero(fold == f))
-                pred = blend_argmax([p[sel] for p in probs], by_fold[int(f)], size).numpy()
-                cms[name] += confusion_matrix(labels[sel.numpy()], pred, C)
-        if score_members:
-            for name, p in zip(members.names, raw):
-                # From the stored resolution, exactly as kfold.store.read.score_experiment scores a store.
-                cms[name] += confusion_matrix(labels, full_res_argmax(p, size).numpy(), C)
-    return cms
-
-
-def predict_test(
-    members: Members,
-    params: Params,
-    chunk: int,
-    cm: np.ndarray | None = None,
-    member_cms: Sequence[np.ndarray] | None = None,
-) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(test id, (H, W) uint8 class map)`` of the blend, chunk by chunk.
-
-    Args:
-        members: the blend's stores (each member's test probabilities are averaged over its folds).
-        params: (weights, temperatures).
-        chunk: images per streamed chunk.
-        cm: when given (the root must have test labels), the (C, C) confusion of the blend is added to it.
-        member_cms: likewise, one (C, C) matrix per member, for each member's predictions alone.
-    """
-    C, size = members.num_classes, members.image_size
-    for ids, probs in _progress(members.iter_test(chunk), len(members.test_ids), chunk, "blend: test"):
-        pred = blend_argmax(probs, params, size).numpy()
-        if cm is not None or member_cms is not None:
-            labels = members.labels(ids, "test")
-        if cm is not None:
-            cm += confusion_matrix(labels, pred, C)
-        for member_cm, p in zip(member_cms or [], probs):
-            member_cm += confusion_matrix(labels, full_res_argmax(p, size).numpy(), C)
-        yield from zip(ids, pred)
+    return full_res_argmax(blend_on_grid(probs, params, tempered), size)

@@ -28,20 +28,21 @@ def soft_jaccard(
     surrogate peaks at a single model and misses the gain of averaging, which comes from the argmax.
 
     Args:
-        logp: per model (P, C) log-probabilities (float64 for an accurate gradient).
+        logp: per model (C, P) log-probabilities, class-major (float64 for an accurate gradient).
         labels: (P,) int64 class ids.
         sample_weight: (P,) pixel weights (same dtype as logp).
         weights: (M,) blend weights, or (M, C) per-class ones; log_temperatures: (M,) log T per model.
         sharpness: temperature of the final sharpening (1 = none; -> 0 tends to the piecewise-constant mIoU).
     """
-    num_classes = logp[0].shape[1]
+    num_classes = logp[0].shape[0]
+    per_class = weights.ndim == 2
     terms = zip(logp, weights, log_temperatures)
-    q = sum(w * torch.softmax(lp * torch.exp(-lt), dim=1) for lp, w, lt in terms)
-    q = torch.softmax(q.log() / sharpness, dim=1)
-    q_true = q.gather(1, labels[:, None])[:, 0]
+    q = sum((w[:, None] if per_class else w) * torch.softmax(lp * torch.exp(-lt), dim=0) for lp, w, lt in terms)
+    q = torch.softmax(q.log() / sharpness, dim=0)
+    q_true = q.gather(0, labels[None])[0]
     inter = torch.zeros(num_classes, dtype=q.dtype).index_add(0, labels, sample_weight * q_true)
     target = torch.zeros(num_classes, dtype=q.dtype).index_add(0, labels, sample_weight)
-    pred_mass = (sample_weight[:, None] * q).sum(0)
+    pred_mass = (sample_weight[None] * q).sum(1)
     present = target > 0
     iou = inter[present] / (pred_mass[present] + target[present] - inter[present])
     return iou.mean()
@@ -51,7 +52,7 @@ class Surrogate:
     """scipy objective ``x -> (-soft_jaccard, gradient)`` with x = [weights (M*K), log T (M) if fitted].
 
     Args:
-        model_probs: per model (P, C) probabilities (numpy or tensor).
+        model_probs: per model (C, P) probabilities, class-major (numpy or tensor).
         labels: (P,) class ids; sample_weight: (P,) pixel weights.
         fit_temperature: whether x carries log-temperatures (else T = 1).
         sharpness: see ``soft_jaccard``.
@@ -73,7 +74,7 @@ class Surrogate:
         self.n_models = len(self.logp)
         self.fit_temperature = fit_temperature
         self.sharpness = sharpness
-        self.n_weights = self.n_models * (self.logp[0].shape[1] if per_class else 1)
+        self.n_weights = self.n_models * (self.logp[0].shape[0] if per_class else 1)
         self.n_evals = 0
 
     def __call__(self, x: np.ndarray) -> tuple[float, np.ndarray]:

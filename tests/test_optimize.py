@@ -165,12 +165,19 @@ def test_slsqp_gives_the_overconfident_model_the_higher_temperature(two_models):
 def test_surrogate_gradient_matches_finite_differences(two_models):
     probs, y, w = two_models
     for fit_t in (False, True):
-        sur = Surrogate([p[:2000] for p in probs], y[:2000], w[:2000], fit_temperature=fit_t, sharpness=0.3)
+        sur = Surrogate([p[:2000].T for p in probs], y[:2000], w[:2000], fit_temperature=fit_t, sharpness=0.3)
         x = np.array([0.35, 0.65, 0.2, -0.1])[: 4 if fit_t else 2]
         grad = sur(x)[1]
         numeric = scipy.optimize.approx_fprime(x, lambda v, f=sur: f(v)[0], 1e-6)
         assert np.abs(grad).max() > 1e-3  # a real slope, not a flat region
         assert np.allclose(grad, numeric, rtol=1e-4, atol=1e-7), (grad, numeric)
+    sur = Surrogate([p[:2000].T for p in probs], y[:2000], w[:2000], fit_temperature=True, sharpness=0.3,
+                    per_class=True)
+    x = np.concatenate([np.linspace(0.2, 0.8, 2 * C), [0.2, -0.1]])  # (M, C) weights row-major, then log T
+    grad = sur(x)[1]
+    numeric = scipy.optimize.approx_fprime(x, lambda v: sur(v)[0], 1e-6)
+    assert np.abs(grad[: 2 * C]).max() > 1e-4
+    assert np.allclose(grad, numeric, rtol=1e-4, atol=1e-7), (grad, numeric)
 
 
 def test_hillclimb_improves_over_best_single(two_models):
@@ -291,3 +298,35 @@ def test_blend_probs_per_class_weights_match_by_hand():
     assert np.allclose(blend_probs(flat, w, [0.7, 1.3]), by_hand.permute(0, 2, 3, 1).reshape(-1, C).numpy(), atol=1e-6)
     with pytest.raises(ValueError, match="model 1 weight must be a number or 13 per-class numbers"):
         blend_probs(probs, [0.5, [0.5, 0.5]], axis=1)
+
+
+def test_class_argmax_is_torchs_argmax_ties_included():
+    from tta.argmax import class_argmax
+
+    x = torch.rand(3, C, 20, 30)
+    x[:, 4] = x[:, 9]  # exact ties: the lower class wins, as in torch
+    x[0, :, 0, 0] = 0.5  # all classes tied
+    for t, dim in ((x, 1), (x.permute(0, 2, 3, 1).contiguous(), 3), (x[0].reshape(C, -1), 0), (x.half(), 1)):
+        assert torch.equal(class_argmax(t, dim).long(), t.argmax(dim)), dim
+        assert class_argmax(t, dim).dtype == torch.uint8
+
+
+def test_column_moves_score_as_the_full_evaluation():
+    """A per-class move re-scored from one column equals the mIoU of the whole blend, on every move tried."""
+    from ensemble.search import ColumnMoves, Evaluator
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, C, 5000)
+    probs = [_model(rng, y, range(m, C, 3)) for m in range(3)]
+    probs[2][:100] = probs[0][:100]  # exact ties between models on some pixels
+    ev = Evaluator(probs, y, np.ones(len(y)), C)
+    w = rng.dirichlet(np.ones(3), size=C).T  # (M, C), each class column on the simplex
+    temps = np.array([1.0, 0.7, 1.5])
+    moves = ColumnMoves(ev, w, temps)
+    for _ in range(40):
+        c, i, j = rng.integers(C), *rng.choice(3, 2, replace=False)
+        moved = w.copy()
+        d = min(0.1, moved[j, c])
+        moved[i, c] += d
+        moved[j, c] -= d
+        assert moves.miou(moved, int(c)) == ev.miou(moved, temps)

@@ -119,7 +119,17 @@ def apply_temperature(probs: Tensor, temperature: float, dim: int = 1) -> Tensor
     Returns:
         float32 tensor of the same shape.
     """
+    return tempered_from_log(log_probs(probs), temperature, dim)
+
+
+def log_probs(probs: Tensor) -> Tensor:
+    """float32 log of stored probabilities with a floor (the first half of :func:`apply_temperature`)."""
+    return probs.float().clamp_min(_PROB_FLOOR).log()
+
+
+def tempered_from_log(logp: Tensor, temperature: float, dim: int = 1) -> Tensor:
+    """softmax(logp / T) over ``dim``: :func:`apply_temperature` from :func:`log_probs`, for re-tempering the
+    same probabilities at several temperatures with one log."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    logp = probs.float().clamp_min(_PROB_FLOOR).log()
     return torch.softmax(logp / temperature, dim=dim)

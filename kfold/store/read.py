@@ -38,6 +38,7 @@ from kfold.store.format import (
     read_ids,
 )
 from tta import apply_temperature
+from tta.argmax import class_argmax
 
 
 @dataclass
@@ -140,7 +141,7 @@ class ExperimentStore:
                 out[pos] = block
             yield part, out
 
-    def iter_test(self, chunk: int = 64, check: bool = False, from_folds: bool = False
+    def iter_test(self, chunk: int = 64, check: bool = False, from_folds: bool = False, rows: range | None = None
                   ) -> Iterator[tuple[list[str], np.ndarray]]:
         """Yield ``(ids, probs)``: float32 test probabilities averaged over the fold models, chunk by chunk.
 
@@ -151,9 +152,11 @@ class ExperimentStore:
             chunk: images per step.
             check: validate every row read as in :meth:`iter_oof`.
             from_folds: average the folds' stores even when the mean exists (to write it).
+            rows: the test rows to read (default: all), e.g. one worker's share.
         """
-        for start in range(0, len(self.test_ids), chunk):
-            part = list(self.test_ids[start : start + chunk])
+        rows = range(len(self.test_ids)) if rows is None else rows
+        for start in range(rows.start, rows.stop, chunk):
+            part = list(self.test_ids[start : min(start + chunk, rows.stop)])
             if self.test_mean is not None and not from_folds:  # one read instead of one per fold
                 block = np.array(self.test_mean[start : start + len(part)])
                 if check:
@@ -386,14 +389,15 @@ def _class_map(name: str, manifest: StoreManifest) -> ClassMap | None:
         raise StoreError(f"{name} fold 0: {MANIFEST} class_map is not valid ({err})") from None
 
 
-def full_res_argmax(probs: Tensor, size: tuple[int, int], temperature: float = 1.0, batch: int = 8) -> Tensor:
+def full_res_argmax(probs: Tensor, size: tuple[int, int], temperature: float = 1.0, batch: int = 1) -> Tensor:
     """Class ids at full label resolution: bilinear upsampling of the probabilities, then argmax.
 
     Args:
         probs: (n, C, h, w) probabilities (any float dtype).
         size: (H, W) of the labels.
         temperature: re-temper the probabilities first (1.0: as they are).
-        batch: images upsampled at once (bounds the (batch, C, H, W) float32 temporary).
+        batch: images upsampled at once (bounds the (batch, C, H, W) float32 temporary; one at a time was
+            the fastest on CPU: 19 ms/image vs 25 at 8 for 13 x 240x320 -> 480x640).
 
     Returns:
         uint8 (n, H, W) tensor on the input's device.
@@ -405,7 +409,7 @@ def full_res_argmax(probs: Tensor, size: tuple[int, int], temperature: float = 1
             p = apply_temperature(p, temperature)
         if tuple(p.shape[-2:]) != tuple(size):
             p = F.interpolate(p, size=tuple(size), mode="bilinear", align_corners=False)
-        out[start : start + batch] = p.argmax(dim=1).to(torch.uint8)
+        out[start : start + batch] = class_argmax(p, 1)
     return out
 
 
