@@ -29,7 +29,10 @@ Blends = Mapping[str, Mapping[int, Params]]  # name -> {fold: (weights, temperat
 
 @functools.lru_cache(maxsize=4)
 def _reopen(runs_dir: str, names: tuple[str, ...], root: str) -> Members:
-    """The members, opened once per worker process."""
+    """The members, opened once per worker process, which then runs torch on one thread: with one process
+    per core, a second OpenMP thread each oversubscribes the cores (measured at NYUv2 size on 2 cores: the
+    test pass took 211 s with torch's default 2 threads per worker, against ~45 s expected from one process)."""
+    torch.set_num_threads(1)
     return open_members(runs_dir, list(names), root)[0]
 
 

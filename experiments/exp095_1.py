@@ -4,6 +4,8 @@ DeepLabV3+ ResNet-101 with SyncBatchNorm, initialised from another code base's c
 backbone.* keys become the encoder's), SGD momentum 0.9, 100,000 iterations of batch 48, linear warm-up over
 1,000 iterations from 1e-6 to 1e-3 then cosine to 1e-4, gradient clipping at 1.0, hard pixel mining with
 top-k 1.0 and class weights background 1 / sidewalk 10; validation and a checkpoint every 5,000 iterations.
+Training streams webdataset shards (``python -m kfold.data.shards --data-root ROOT --out ROOT/shards``, or
+``--opts data.shards DIR``) through a shuffle buffer of ``--buffer_batches`` batches.
 """
 
 import sys
@@ -31,6 +33,8 @@ RECIPE = {
     "train.checkpoint_every": 5_000,
     "loss.ohem_fraction": 1.0,
     "loss.class_weights": {"background": 1.0, "sidewalk": 10.0},
+    "data.streaming": True,
+    "data.buffer_batches": 16,
 }
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -15,17 +16,19 @@ LABEL_MODES = ("L", "P")  # palette PNGs store class ids as palette indices
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-def read_label(path: str | os.PathLike, num_classes: int, error: type[Exception] = ValueError) -> np.ndarray:
+def read_label(path: str | os.PathLike | BinaryIO, num_classes: int, error: type[Exception] = ValueError
+               ) -> np.ndarray:
     """uint8 (H, W) class ids in ``[0, num_classes)`` or 255.
 
     Args:
-        path: the label PNG.
+        path: the label PNG, or an in-memory file whose ``name`` error messages use (e.g. a shard member).
         num_classes: C; any other value but 255 is an error.
         error: the exception raised (its message starts with the path), e.g. the caller's own error type.
     """
-    path = Path(path)
+    source = path if hasattr(path, "read") else Path(path)
+    path = Path(source.name) if hasattr(source, "read") else source
     try:
-        img = Image.open(path)
+        img = Image.open(source)
     except FileNotFoundError:
         raise error(f"{path}: file not found") from None
     except (OSError, SyntaxError, ValueError) as e:

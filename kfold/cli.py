@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", help="repeat a run: read the recipe from its config.yaml (presets are not applied)")
     p.add_argument("--batch_size", "--batch-size", type=int)
     p.add_argument("--num_workers", "--num-workers", type=int)
+    p.add_argument("--buffer_batches", "--buffer-batches", type=int,
+                   help="data.buffer_batches: shuffle buffer of a streamed (data.streaming) run, in batches")
     p.add_argument("--weights_path", "--weights-path", help="initial weights (.safetensors or checkpoint)")
     p.add_argument("--resume", action="store_true", help="continue unfinished folds from their last.pt")
     p.add_argument("--predict-only", "--predict_only", action="store_true",
@@ -55,7 +57,8 @@ def resolve_recipe(name: str, base: dict[str, Any], args: argparse.Namespace) ->
     opts = parse_opts(args.opts)
     recipe = load_recipe(args.config) if args.config else build_recipe(base, args.preset)
     recipe.name = name
-    flags = {"data.root": args.data_root, "train.batch_size": args.batch_size, "data.num_workers": args.num_workers}
+    flags = {"data.root": args.data_root, "train.batch_size": args.batch_size, "data.num_workers": args.num_workers,
+             "data.buffer_batches": args.buffer_batches}
     for key, value in {**{k: v for k, v in flags.items() if v is not None}, **opts}.items():
         set_key(recipe, key, value)
     return recipe

@@ -35,6 +35,9 @@ class DataConfig:
     k_folds: int = 5
     fold_seed: int = 42
     class_map: str | None = None  # YAML new_name: [old names] (or a shipped map's name): merge classes on read
+    streaming: bool = False  # train from webdataset shards (python -m kfold.data.shards) through a shuffle buffer
+    shards: str | None = None  # the shards' folder (default <data root>/shards)
+    buffer_batches: int = 16  # streaming: shuffle buffer per loader worker, in batches (--buffer_batches)
 
 
 @dataclass

@@ -27,8 +27,10 @@ from kfold.store.format import MANIFEST
 CONFIG = "config.yaml"
 # Keys that cannot change what a fold learns or predicts: where and how fast the data is read, how many
 # images go through the model at once. A finished fold launched again with other values is still reused.
-RESULT_NEUTRAL_KEYS = ("name", "data.root", "data.num_workers", "oof.batch_size", "tta.max_batch",
+RESULT_NEUTRAL_KEYS = ("name", "data.root", "data.shards", "data.num_workers", "oof.batch_size", "tta.max_batch",
                        "oof.keep_fold_test")
+# A stream deals its shards to the loader workers: there the worker count changes the batches.
+STREAMING_RESULT_KEYS = ("data.num_workers",)
 
 
 def fold_dir(out: str | Path, experiment: str, fold: int) -> Path:
@@ -89,7 +91,8 @@ def recipe_differences(run_dir: Path, recipe: Recipe, data_root: Path | None = N
     except (OSError, yaml.YAMLError, TypeError, KeyError):
         return [CONFIG]
     new = _flatten(to_dict(recipe))
-    keys = sorted(k for k in set(old) | set(new) if k not in RESULT_NEUTRAL_KEYS and old.get(k) != new.get(k))
+    neutral = set(RESULT_NEUTRAL_KEYS) - (set(STREAMING_RESULT_KEYS) if recipe.data.streaming else set())
+    keys = sorted(k for k in set(old) | set(new) if k not in neutral and old.get(k) != new.get(k))
     if data_root is not None and record.get("data_root") != str(Path(data_root).resolve()):
         keys.append("data root")
     if folds_sha256 is not None and record.get("folds_sha256") != folds_sha256:

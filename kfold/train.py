@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -29,7 +28,9 @@ from kfold.checkpoint import (
 from kfold.config import Recipe
 from kfold.data.dataset import SegmentationDataset
 from kfold.data.layout import DataRoot
-from kfold.data.transforms import EvalTransform, TrainTransform
+from kfold.data.shards import check_matches, read_index
+from kfold.data.stream import ShardStream
+from kfold.data.transforms import EvalTransform, TrainTransform, derived_seed
 from kfold.distributed import DistInfo, all_reduce_sum, broadcast_buffers
 from kfold.losses import SegDepthLoss
 from kfold.metrics import DepthMeter, confusion_matrix_torch, iou_per_class, mean_iou, pixel_accuracy
@@ -38,11 +39,6 @@ from kfold.weights import init_from, write_init_report
 
 log = logging.getLogger("kfold")
 MAX_SKIPPED_STEPS = 20  # fp16 steps with a non-finite loss that one epoch may drop before the run stops
-
-
-def derived_seed(*keys: int) -> int:
-    """A 32-bit seed from integer keys, the same in every process (unlike ``hash`` of strings)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
 class SeededSamples(torch.utils.data.Dataset):
@@ -122,6 +118,7 @@ class FoldData:
     train_loader: DataLoader
     val_loader: DataLoader
     train_samples: SeededSamples
+    stream: ShardStream | None = None  # data.streaming: the training batches come from here
 
 
 def build_loaders(recipe: Recipe, root: DataRoot, train_ids: Sequence[str], val_ids: Sequence[str],
@@ -146,7 +143,15 @@ def build_loaders(recipe: Recipe, root: DataRoot, train_ids: Sequence[str], val_
     val_set = SegmentationDataset(root, "train", val_share, in_channels=d.in_channels,
                                   transform=EvalTransform(d.input_size))
     val_loader = DataLoader(val_set, batch_size=recipe.oof.batch_size, num_workers=d.num_workers)
-    return FoldData(train_loader, val_loader, samples)
+    stream = None
+    if d.streaming:
+        index = read_index(d.shards or root.path / "shards")
+        check_matches(index, root, train_ids)
+        stream = ShardStream(index, train_set, recipe.train.seed, per_rank_batch, d.buffer_batches, dist.rank,
+                             dist.world_size, d.num_workers)
+        log.info("data.streaming: %d shards from %s, shuffle buffer %d batches of %d per worker",
+                 len(index.shards), index.path, d.buffer_batches, per_rank_batch)
+    return FoldData(train_loader, val_loader, samples, stream)
 
 
 @torch.inference_mode()
@@ -238,6 +243,7 @@ class EpochPlan:
     def __init__(self, recipe: Recipe, data: FoldData) -> None:
         self.recipe, self.data = recipe, data
         loader, cfg = data.train_loader, recipe.train
+        # A streamed epoch is as many steps as a map-style one; the passes of the stream run on across epochs.
         self.steps_per_stretch = min(len(loader), cfg.max_steps_per_epoch or len(loader))
         self.stretches = recipe.schedule.epochs
         self.total_steps = self.steps_per_stretch * recipe.schedule.epochs
@@ -245,6 +251,9 @@ class EpochPlan:
 
     def batches(self, i: int) -> tuple[Iterable[dict], int]:
         """Stretch ``i``'s batches and step count (seeded by (seed, epoch): exact resumes)."""
+        if self.data.stream is not None:
+            n = self.steps_per_stretch
+            return self.data.stream.steps(i * n, (i + 1) * n, self.data.train_loader.pin_memory), n
         seed, loader = self.recipe.train.seed, self.data.train_loader
         self.data.train_samples.epoch = i
         loader.generator.manual_seed(derived_seed(seed, i, 1))
@@ -309,6 +318,8 @@ class IterationPlan:
 
     def batches(self, i: int) -> tuple[Iterable[dict], int]:
         start, stop = i * self.every, min((i + 1) * self.every, self.total_steps)
+        if self.data.stream is not None:
+            return self.data.stream.steps(start, stop, self.data.train_loader.pin_memory), stop - start
         return self._stream(start, stop), stop - start
 
     def position(self, i: int) -> dict[str, int]:

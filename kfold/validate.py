@@ -59,6 +59,7 @@ RANGES: dict[str, Callable[[Any], str | None]] = {
     "data.rotate_limit": _within(0, 180),
     "data.color_jitter": _within(0, 1),
     "data.num_workers": _at_least(0),
+    "data.buffer_batches": _at_least(1),
     "data.k_folds": _at_least(2),
     "model.decoder_channels": _at_least(1),
     "loss.boundary_weight": _above(0),
@@ -195,6 +196,10 @@ def fit_recipe_to_root(recipe: Recipe, root: DataRoot) -> list[str]:
     unknown = sorted(set(recipe.loss.class_weights) - set(root.classes))
     if unknown:
         raise ConfigError(f"loss.class_weights: unknown class {unknown[0]!r}; classes are {', '.join(root.classes)}")
+    if recipe.data.streaming:
+        from kfold.data.shards import check_matches, read_index  # webdataset: only for streaming recipes
+
+        check_matches(read_index(recipe.data.shards or root.path / "shards"), root, root.train_ids)
     notes = []
     if not root.has_depth and recipe.model.depth_head:
         recipe.model.depth_head = False

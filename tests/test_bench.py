@@ -28,10 +28,10 @@ def lines(out: str, group: str) -> list[str]:
 
 def test_every_script_ran(tiny_output: str) -> None:
     assert "all passed" in tiny_output
-    for name in ("blend", "tta", "metrics", "train_loop", "oof_store", "data", "scaling", "predict"):
+    for name in ("blend", "blend_size", "tta", "metrics", "train_loop", "oof_store", "data", "scaling", "predict"):
         assert re.search(rf"^## bench_{name}\.py: [\d.]+ s, rc 0", tiny_output, re.M), name
     assert tiny_output.startswith("# machine: ")
-    expected = {"blend": 10, "tta": 3, "metrics": 2, "train": 3, "oof": 5, "data": 2, "scaling": 1, "predict": 1}
+    expected = {"blend": 10, "tta": 3, "metrics": 2, "train": 3, "oof": 5, "data": 4, "scaling": 1, "predict": 1}
     for group, n in expected.items():
         found = lines(tiny_output, group)
         assert len(found) >= n, (group, found)
@@ -54,6 +54,10 @@ def test_correctness_checks(tiny_output: str) -> None:
             assert all(0.0 <= v <= 1.0 for v in values), line
     (predict,) = lines(tiny_output, "predict")  # tiny: scale 1 on a stride multiple, so the same numbers
     assert float(re.search(r"max_abs_diff=(\S+)", predict).group(1)) < 1e-3, predict
+    (size,) = [line for line in lines(tiny_output, "blend") if " size " in line]  # the NYUv2-sized case, tiny
+    assert "read stores once" in size and re.search(r"heap_peak_gib=\d", size) and "mapped_peak_gib=" in size
+    streamed = [line for line in lines(tiny_output, "data") if "streamed" in line]
+    assert len(streamed) == 2 and all("map-style" in line for line in streamed)
     ratio = [line for line in lines(tiny_output, "oof") if "bytes/image" in line][0]
     assert 7.5 < float(re.search(r"ratio ([\d.]+)x", ratio).group(1)) <= 8.0  # float16 at half scale: 1/8
 

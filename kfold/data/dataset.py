@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -141,35 +141,53 @@ class SegmentationDataset(Dataset):
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The raw arrays of sample ``index``: RGB uint8, depth float32 metres (0 = missing), label uint8."""
         image_id = self.ids[index]
-        path = self.root.image_path(self.split, image_id)
-        image = read_rgb(path)
-        self._check_size(path, image)
-        if self.root.has_depth:
-            path = self.root.depth_path(self.split, image_id)
-            depth = read_depth(path)
-            self._check_size(path, depth)
-            depth[depth > self.max_depth_m] = 0.0
-        else:  # an RGB-only root: every pixel "no reading"
+        image = read_rgb(self.root.image_path(self.split, image_id))
+        depth = read_depth(self.root.depth_path(self.split, image_id)) if self.root.has_depth else None
+        label = self.root.label(self.split, image_id) if self.labelled else None
+        return self.checked(image_id, image, depth, label)
+
+    def checked(self, image_id: str, image: np.ndarray, depth: np.ndarray | None, label: np.ndarray | None,
+                names: Mapping[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Decoded arrays made ready as :meth:`read` returns them: sizes checked, far depth dropped, and a
+        zero depth (RGB-only root) or all-ignore label (unlabelled split) where None.
+
+        Args:
+            names: "image" / "depth" / "label" -> what a size error names (default: the root's file paths).
+        """
+        where = names or {"image": self.root.image_path(self.split, image_id),
+                          "depth": self.root.depth_path(self.split, image_id),
+                          "label": self.root.label_path(self.split, image_id)}
+        self._check_size(where["image"], image)
+        if depth is None:  # an RGB-only root: every pixel "no reading"
             depth = np.zeros(image.shape[:2], dtype=np.float32)
-        if self.labelled:
-            path = self.root.label_path(self.split, image_id)
-            label = self.root.label(self.split, image_id)
-            self._check_size(path, label)
         else:
+            self._check_size(where["depth"], depth)
+            depth[depth > self.max_depth_m] = 0.0
+        if label is None or not self.labelled:
             label = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
+        else:
+            self._check_size(where["label"], label)
         return image, depth, label
 
-    def target_depth(self, index: int, sensor: np.ndarray) -> np.ndarray | None:
-        """The depth the loss learns from when it is not the sensor's: the teacher's, or hybrid."""
+    def target_depth(self, index: int, sensor: np.ndarray, teacher: np.ndarray | None = None) -> np.ndarray | None:
+        """The depth the loss learns from when it is not the sensor's: the teacher's, or hybrid.
+
+        Args:
+            teacher: the teacher's depth when already decoded (a streamed sample); default: read from the root.
+        """
         if self.depth_target == "sensor":
             return None
-        teacher = self.root.teacher_depth(self.ids[index])
+        teacher = self.root.teacher_depth(self.ids[index]) if teacher is None else teacher
         teacher[teacher > self.max_depth_m] = 0.0
         return teacher if self.depth_target == "teacher" else np.where(teacher > 0, teacher, sensor)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, depth, label = self.read(index)
-        target = self.target_depth(index, depth)
+        return self.item(index, image, depth, label, self.target_depth(index, depth))
+
+    def item(self, index: int, image: np.ndarray, depth: np.ndarray, label: np.ndarray,
+             target: np.ndarray | None) -> dict[str, Any]:
+        """Sample ``index`` as tensors from its arrays (see :meth:`read` and :meth:`target_depth`)."""
         if target is None:
             out = self.transform(image=image, depth=depth, label=label)
         else:  # the input channel keeps the sensor (what a test image has); the loss sees the target

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -115,17 +116,23 @@ class DataRoot:
 
 
 # ----------------------------------------------------------------------------------------------- reading
-def _open(path: Path) -> Image.Image:
+def source_name(source: str | os.PathLike | BinaryIO) -> Path:
+    """What error messages call a file: its path, or the ``name`` of an in-memory file (e.g. a shard member)."""
+    return Path(source.name) if hasattr(source, "read") else Path(source)
+
+
+def _open(path: Path | BinaryIO) -> Image.Image:
     try:
         return Image.open(path)
     except FileNotFoundError:
-        raise _error(path, "file not found") from None
+        raise _error(source_name(path), "file not found") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise _error(path, f"unreadable image ({e})") from None
+        raise _error(source_name(path), f"unreadable image ({e})") from None
 
 
-def _decode(path: Path, check_mode: Callable[[Path, Image.Image], None]) -> np.ndarray:
-    with _open(path) as img:
+def _decode(source: Path | BinaryIO, check_mode: Callable[[Path, Image.Image], None]) -> np.ndarray:
+    path = source_name(source)
+    with _open(source) as img:
         check_mode(path, img)
         try:
             img.load()
@@ -151,14 +158,14 @@ def _check_depth_mode(path: Path, img: Image.Image) -> None:
         )
 
 
-def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Read an 8-bit RGB PNG as uint8 (H, W, 3); anything else is a DataError."""
-    return _decode(Path(path), _check_rgb_mode)
+def read_rgb(path: str | os.PathLike | BinaryIO) -> np.ndarray:
+    """Read an 8-bit RGB PNG (a path or a named in-memory file) as uint8 (H, W, 3); anything else is a DataError."""
+    return _decode(path if hasattr(path, "read") else Path(path), _check_rgb_mode)
 
 
-def read_depth(path: str | os.PathLike) -> np.ndarray:
-    """Read a 16-bit millimetre depth PNG as float32 (H, W) metres; 0.0 = missing."""
-    depth = _decode(Path(path), _check_depth_mode)
+def read_depth(path: str | os.PathLike | BinaryIO) -> np.ndarray:
+    """Read a 16-bit millimetre depth PNG (a path or a named in-memory file) as float32 (H, W) metres; 0.0 = missing."""
+    depth = _decode(path if hasattr(path, "read") else Path(path), _check_depth_mode)
     return depth.astype(np.float32) / np.float32(1000.0)
 
 
@@ -185,7 +192,7 @@ def read_teacher_depth(folder: Path, image_id: str, size: tuple[int, int]) -> np
     return depth
 
 
-def read_label(path: str | os.PathLike, num_classes: int) -> np.ndarray:
+def read_label(path: str | os.PathLike | BinaryIO, num_classes: int) -> np.ndarray:
     """Read an 8-bit label PNG as uint8 (H, W) with values in [0, num_classes) or 255 (a DataError otherwise)."""
     return labels.read_label(path, num_classes, DataError)
 

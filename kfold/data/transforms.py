@@ -20,6 +20,11 @@ from kfold.data.layout import IGNORE_INDEX
 __all__ = ["EvalTransform", "TrainTransform"]
 
 
+def derived_seed(*keys: int) -> int:
+    """A 32-bit seed from integer keys, the same in every process (unlike ``hash`` of strings)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
 def _check_size(name: str, size: tuple[int, int]) -> tuple[int, int]:
     if len(size) != 2 or any(int(s) != s or s <= 0 for s in size):
         raise ValueError(f"{name} must be two positive ints (H, W), got {size!r}")
