@@ -84,7 +84,7 @@ def test_a_pass_yields_every_training_id_once(synthetic_root, shards, world, wor
 
 
 def test_the_loader_yields_the_computed_order_and_resumes_mid_pass_exactly(synthetic_root, shards) -> None:
-    """Through DataLoader workers: the batches are those stream_ids computes; steps 5..n from a fresh stream
+    """Through DataLoader workers: the batches are those stream_ids computes; steps k..n from a fresh stream
     (a resume) are the uninterrupted run's, augmentations included, across a pass boundary."""
     stream = fold_stream(synthetic_root, shards, rank=1, world=2, workers=2)
     per_pass = len(stream.batch_order(0))
@@ -92,10 +92,11 @@ def test_the_loader_yields_the_computed_order_and_resumes_mid_pass_exactly(synth
     straight = list(stream.steps(0, total))
     assert [b["id"] for b in straight[:per_pass]] == stream_ids(stream, 0)
     assert [b["id"] for b in straight[per_pass:]] == stream_ids(stream, 1)[:3]
-    resumed = list(fold_stream(synthetic_root, shards, rank=1, world=2, workers=2).steps(5, total))
-    assert [b["id"] for b in resumed] == [b["id"] for b in straight[5:]]
-    for a, b in zip(resumed, straight[5:]):
-        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    for start in (4, 5, per_pass + 1):  # either worker's turn, and inside the second pass
+        resumed = list(fold_stream(synthetic_root, shards, rank=1, world=2, workers=2).steps(start, total))
+        assert [b["id"] for b in resumed] == [b["id"] for b in straight[start:]], start
+        for a, b in zip(resumed, straight[start:]):
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
 
 
 def test_a_root_that_does_not_match_the_shards_is_one_line(synthetic_root, shards, tmp_path) -> None:
@@ -137,3 +138,24 @@ def test_streamed_sidewalk_run_under_torchrun_with_sync_bn(synthetic_root, tmp_p
     assert "data.streaming:" in log and "shuffle buffer 4 batches" in log
     assert "model.sync_bn: SyncBatchNorm needs CUDA" in log  # CPU: torch has no SyncBatchNorm kernel
     assert np.isfinite(np.load(run / "fold0" / "oof.npy").astype(np.float32)).all()
+
+
+def test_a_streamed_run_killed_mid_pass_resumes_to_the_same_weights(synthetic_root, shards, tmp_path) -> None:
+    """Iterations from the stream, two loader workers: SIGKILL after the iteration-20 checkpoint, --resume,
+    and the run ends with the weights of an uninterrupted one."""
+    from test_faults import kill_at, same_weights
+    from test_iterations import ITERATIONS, experiment
+
+    opts = ["--num_workers", "2", "--buffer_batches", "2", "--opts", *ITERATIONS, "data.streaming", "true",
+            "data.shards", str(shards)]
+    straight = subprocess.run([sys.executable, *experiment(synthetic_root, tmp_path / "straight", *opts)], cwd=REPO,
+                              env=ENV, capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    cmd = experiment(synthetic_root, tmp_path / "runs", *opts)
+    kill_at(cmd, "loss:25", tmp_path)
+    resumed = subprocess.run([sys.executable, *cmd, "--resume"], cwd=REPO, env=ENV, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "exp093_2" / "fold0"
+    assert "resumed" in (run_dir / "train.log").read_text() and "data.streaming:" in (run_dir / "train.log").read_text()
+    assert same_weights(run_dir / "model.safetensors", tmp_path / "straight" / "exp093_2" / "fold0" / "model.safetensors")

@@ -82,6 +82,10 @@ def write_shards(root: DataRoot, out: Path, shard_size: int = 256, progress: boo
     if shard_size < 1:
         raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
     ids = list(root.train_ids)
+    dotted = next((i for i in ids if "." in i), None)
+    if dotted is not None:  # webdataset splits a member's name into key and kind at the first dot
+        raise DataError(f"{root.image_path('train', dotted)}: id {dotted!r} has a dot, which a webdataset key "
+                        f"cannot hold; rename the image (and its depth and label)")
     groups = [ids[start : start + shard_size] for start in range(0, len(ids), shard_size)]
     record = {"format": FORMAT, "source": str(root.path), "classes": list(root.classes),
               "image_size": list(root.image_size), "has_depth": root.has_depth, "has_teacher": root.has_teacher,

@@ -9,7 +9,8 @@ training id exactly once; memory holds at most the buffer (of undecoded samples)
 
 The DataLoader returns the workers' batches round by round (worker 0, 1, ... then again), skipping workers
 that ran out; the index of every shard's ids makes that order computable, so a resumed run skips to
-its batch without decoding what it skips, and reads on exactly as the uninterrupted run did. Passes follow
+its batch's round without decoding what it skips (at most workers - 1 batches of that round are decoded
+and dropped), and reads on exactly as the uninterrupted run did. Passes follow
 each other without a break: a rank takes as many steps as the schedule asks, whatever its pass length, so
 ranks never wait on each other at a pass's end.
 """
@@ -120,11 +121,16 @@ class ShardStream(IterableDataset):
                 p, first = p + 1, first + len(order)
                 continue
             offset = start - first
+            # The loader starts every pass at worker 0: the workers skip (undecoded) the rounds before the
+            # one holding `offset`, and the batches of that round before it are dropped here.
+            rounds = [order[:i].count(w) for i, w in enumerate(order)]
+            round_start = rounds.index(rounds[offset])
             self.pass_index = p
-            self.skip = [order[:offset].count(w) for w in range(max(1, self.workers))]
+            self.skip = [order[:round_start].count(w) for w in range(max(1, self.workers))]
             take = min(len(order) - offset, stop - start)
+            drop = offset - round_start
             loader = DataLoader(self, batch_size=self.batch, num_workers=self.workers, pin_memory=pin_memory)
-            yield from itertools.islice(loader, take)
+            yield from itertools.islice(loader, drop, drop + take)
             start += take
             p, first = p + 1, first + len(order)
 
