@@ -7,7 +7,9 @@ float32 fold mean only): 4 x (1.59 + 2.61) GB. ``--quick`` and ``--tiny`` shrink
 
 Both sides start cold: every file of the stores and the data root is dropped from the page cache
 (``posix_fadvise(DONTNEED)``, no root needed) before the sequential read (8 MiB blocks, like ``cat``) and
-again before the blend. The blend runs as a user types it, in a subprocess; a thread samples
+again before each blend. The blend runs as a user types it, in a subprocess, twice: first on stores without
+kept member scores (every member scored at label resolution), then again with the scores the first one kept
+beside the stores (``kfold.store.scores``; an experiment trained by kfold has them from its report). A thread samples
 ``/proc/<pid>/status`` of it and its children every 0.1 s for the peak anonymous memory (heap, summed over
 the processes) and the peak resident file-mapped bytes (the stores' pages).
 
@@ -130,23 +132,30 @@ def generate(work: Path, n_train: int, n_test: int, size: tuple[int, int]) -> tu
 
 def run_case(work: Path, n_train: int, n_test: int, size: tuple[int, int]) -> None:
     root, runs = generate(work, n_train, n_test, size)
-    names = [f"model{m}" for m in range(N_MODELS)]
     stores = [p for p in files_under(runs) if p.suffix == ".npy"]
     drop_page_cache(list(files_under(runs, root)))
     t_read, n_bytes = read_once(stores)
-    drop_page_cache(list(files_under(runs, root)))
+    for p in runs.glob("*/store_scores.json"):  # the first blend scores every member itself
+        p.unlink()
+    tag = f"{N_MODELS} models x {n_train} + {n_test} images {size[0]}x{size[1]}"
+    for run, label in (("first", "blend --per-class"), ("again", "again, member scores kept")):
+        drop_page_cache(list(files_under(runs, root)))
+        blend_once(work, runs, run, f"size {tag}: {label} vs read stores once", t_read, n_bytes)
+
+
+def blend_once(work: Path, runs: Path, name: str, figure: str, t_read: float, n_bytes: int) -> None:
+    """Run ``ensemble/blend.py --per-class`` as a user would and print its result line and timings."""
     out_dir = work / "submissions"
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "MPLBACKEND": "Agg"}
-    cmd = [sys.executable, "ensemble/blend.py", "--runs-dir", str(runs), "--runs", *names, "--per-class",
-           "--out-dir", str(out_dir), "--name", "size_bench"]
+    cmd = [sys.executable, "ensemble/blend.py", "--runs-dir", str(runs), "--runs",
+           *[f"model{m}" for m in range(N_MODELS)], "--per-class", "--out-dir", str(out_dir), "--name", name]
     wall, heap, mapped, proc = run_sampled(cmd, env)
     if proc.returncode != 0:
         raise RuntimeError(f"blend failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-    record = json.loads((out_dir / "size_bench.json").read_text())
-    tag = f"{N_MODELS} models x {n_train} + {n_test} images {size[0]}x{size[1]}"
-    result("blend", f"size {tag}: blend --per-class vs read stores once", fmt_s(wall), "read", fmt_s(t_read),
-           wall / t_read, heap_peak_gib=f"{heap / GIB:.2f}", mapped_peak_gib=f"{mapped / GIB:.2f}",
-           stores_gib=f"{n_bytes / GIB:.2f}", read_gib_s=f"{n_bytes / GIB / t_read:.2f}")
+    record = json.loads((out_dir / f"{name}.json").read_text())
+    result("blend", figure, fmt_s(wall), "read", fmt_s(t_read), wall / t_read, heap_peak_gib=f"{heap / GIB:.2f}",
+           mapped_peak_gib=f"{mapped / GIB:.2f}", stores_gib=f"{n_bytes / GIB:.2f}",
+           read_gib_s=f"{n_bytes / GIB / t_read:.2f}")
     timings = ", ".join(f"{k} {v:.1f} s" for k, v in record["timings_s"].items())
     note(f"blend timings: {timings}; OOF mIoU {record['oof']['miou']:.4f} (nested {record['nested']['miou']:.4f}), "
          f"test mIoU {record['test']['miou']:.4f}; cpus {os.cpu_count()}, load average "

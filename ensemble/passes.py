@@ -1,7 +1,7 @@
 """The blend's two passes at label resolution: OOF confusion matrices of every candidate, and the test class maps.
 
-Each pass reads every image once: all candidate blends (in-sample, nested, global) and every member are
-scored from the same chunk. With a process pool the images are split into parts, a few in flight at a
+Each pass reads every image once: all candidate blends (in-sample, nested, global) and every member whose
+score is not kept beside its store (``kfold.store.scores``) are scored from the same chunk. With a process pool the images are split into parts, a few in flight at a
 time (bounded memory); a worker opens the stores itself (memory maps are not sent between processes) and
 sends back confusion matrices or uint8 class maps. Processes, not torch threads: the upsampling and the
 argmax are memory-bound, and a second intra-op thread gained nothing on 2 cores (measured).
@@ -23,6 +23,7 @@ from ensemble.optimize import TemperedCache
 from ensemble.stores import Members, Params, blend_argmax, open_members
 from kfold.metrics import confusion_matrix
 from kfold.store.read import full_res_argmax
+from kfold.store.scores import cached_confusion, keep_confusion
 
 Blends = Mapping[str, Mapping[int, Params]]  # name -> {fold: (weights, temperatures)}
 
@@ -30,8 +31,8 @@ Blends = Mapping[str, Mapping[int, Params]]  # name -> {fold: (weights, temperat
 @functools.lru_cache(maxsize=4)
 def _reopen(runs_dir: str, names: tuple[str, ...], root: str) -> Members:
     """The members, opened once per worker process, which then runs torch on one thread: with one process
-    per core, a second OpenMP thread each oversubscribes the cores (measured at NYUv2 size on 2 cores: the
-    test pass took 211 s with torch's default 2 threads per worker, against ~45 s expected from one process)."""
+    per core, a second OpenMP thread each oversubscribes the cores (measured at NYUv2 size on 2 cores, two
+    workers: the test pass took 211 s with torch's default 2 threads per worker, 55 s with one)."""
     torch.set_num_threads(1)
     return open_members(runs_dir, list(names), root)[0]
 
@@ -50,13 +51,14 @@ def _in_order(pool: Executor | None, fn: Callable, tasks: Iterable[tuple], ahead
         yield pending.popleft().result()
 
 
-def _score_part(members: Members | tuple, ids: Sequence[str], blends: Blends, chunk: int, score_members: bool
+def _score_part(members: Members | tuple, ids: Sequence[str], blends: Blends, chunk: int, scored: Sequence[int]
                 ) -> dict[str, np.ndarray]:
-    """Confusion matrices of ``ids`` (see :func:`score_full_res`); ``members`` or its ``reopen_args()``."""
+    """Confusion matrices of ``ids`` (see :func:`score_full_res`), blends and the members ``scored`` (indices);
+    ``members`` or its ``reopen_args()``."""
     if isinstance(members, tuple):
         members = _reopen(members[0], tuple(members[1]), members[2])
     C, size = members.num_classes, members.image_size
-    cms = {name: np.zeros((C, C), dtype=np.int64) for name in (*blends, *(members.names if score_members else ()))}
+    cms = {name: np.zeros((C, C), dtype=np.int64) for name in (*blends, *(members.names[m] for m in scored))}
     for part, raw in members.iter_oof(chunk, ids, on_grid=False):
         probs = [members.on_grid(p) for p in raw]
         labels = members.labels(part)
@@ -68,15 +70,20 @@ def _score_part(members: Members | tuple, ids: Sequence[str], blends: Blends, ch
             for name, by_fold in blends.items():
                 pred = blend_argmax(fold_probs, by_fold[int(f)], size, tempered).numpy()
                 cms[name] += confusion_matrix(labels[sel.numpy()], pred, C)
-        if score_members:
-            for name, p in zip(members.names, raw):
-                # From the stored resolution, exactly as kfold.store.read.score_experiment scores a store.
-                cms[name] += confusion_matrix(labels, full_res_argmax(p, size).numpy(), C)
+        for m in scored:  # from the stored resolution, exactly as kfold.store.read.score_experiment scores a store
+            cms[members.names[m]] += confusion_matrix(labels, full_res_argmax(raw[m], size).numpy(), C)
     return cms
 
 
+def _member_scores(members: Members, split: str) -> tuple[dict[str, np.ndarray], list[int]]:
+    """(kept confusion matrices by member name, indices of the members to score) for ``split``."""
+    kept = {s.name: cm for s in members.stores if (cm := cached_confusion(s, members.root, split)) is not None}
+    return kept, [m for m, name in enumerate(members.names) if name not in kept]
+
+
 def score_full_res(members: Members, blends: Blends, chunk: int, score_members: bool = False,
-                   pool: Executor | None = None, workers: int = 1) -> dict[str, np.ndarray]:
+                   pool: Executor | None = None, workers: int = 1, keep_scores: bool = False
+                   ) -> dict[str, np.ndarray]:
     """Confusion matrices at full resolution over every OOF pixel, in one streamed pass.
 
     Args:
@@ -84,9 +91,11 @@ def score_full_res(members: Members, blends: Blends, chunk: int, score_members: 
         blends: name -> {fold: (weights, temperatures)}: each image is blended with its own fold's
             parameters (the same ones for every fold for an in-sample blend; per fold for nested CV).
         chunk: images per streamed chunk (and per task sent to a worker).
-        score_members: also score each member's stored probabilities as they are (as ``score_experiment``).
+        score_members: also score each member's stored probabilities as they are (as ``score_experiment``),
+            or take the score kept beside its store (``kfold.store.scores``).
         pool: worker processes to share the images; None: this process.
         workers: the pool's size (tasks in flight: two per worker).
+        keep_scores: keep the members' scores made here beside their stores.
 
     Returns:
         name (and member name) -> (C, C) int64 confusion matrix.
@@ -95,40 +104,46 @@ def score_full_res(members: Members, blends: Blends, chunk: int, score_members: 
     ids = sorted(members.ids, key=lambda i: (members.fold_of[i], i))
     parts = [ids[start : start + chunk] for start in range(0, len(ids), chunk)]
     source = members.reopen_args() if pool is not None else members
-    total: dict[str, np.ndarray] = {}
+    kept, scored = _member_scores(members, "oof") if score_members else ({}, [])
+    total = {name: np.zeros((members.num_classes,) * 2, dtype=np.int64)
+             for name in (*blends, *(members.names[m] for m in scored))}
     with tqdm(total=len(ids), desc="blend: full-res OOF score", unit="img", leave=False, disable=None) as bar:
-        for part, cms in zip(parts, _in_order(pool, _score_part, ((source, p, blends, chunk, score_members)
+        for part, cms in zip(parts, _in_order(pool, _score_part, ((source, p, blends, chunk, scored)
                                                                    for p in parts), 2 * workers)):
             for name, cm in cms.items():
-                total[name] = total.get(name, 0) + cm
+                total[name] += cm
             bar.update(len(part))
-    return total
+    if keep_scores:
+        for m in scored:
+            keep_confusion(members.stores[m], members.root, "oof", total[members.names[m]])
+    return {**total, **kept}
 
 
-def _predict_part(members: Members | tuple, rows: range, params: Params, chunk: int, with_labels: bool
-                  ) -> tuple[list[str], np.ndarray, np.ndarray | None, list[np.ndarray] | None]:
-    """(ids, uint8 (n, H, W) class maps, the blend's and each member's confusion or None) of test ``rows``."""
+def _predict_part(members: Members | tuple, rows: range, params: Params, chunk: int, with_labels: bool,
+                  scored: Sequence[int]) -> tuple[list[str], np.ndarray, np.ndarray | None, list[np.ndarray]]:
+    """(ids, uint8 (n, H, W) class maps, the blend's confusion or None, the confusion of each member in
+    ``scored``) of test ``rows``."""
     if isinstance(members, tuple):
         members = _reopen(members[0], tuple(members[1]), members[2])
     C, size = members.num_classes, members.image_size
     cm = np.zeros((C, C), dtype=np.int64) if with_labels else None
-    member_cms = [np.zeros((C, C), dtype=np.int64) for _ in members.names] if with_labels else None
+    member_cms = [np.zeros((C, C), dtype=np.int64) for _ in scored]
     ids, preds = [], []
-    for part, probs in members.iter_test(chunk, rows):
-        pred = blend_argmax(probs, params, size).numpy()
+    for part, raw in members.iter_test(chunk, rows, on_grid=False):
+        pred = blend_argmax([members.on_grid(p) for p in raw], params, size).numpy()
         if with_labels:
             labels = members.labels(part, "test")
             cm += confusion_matrix(labels, pred, C)
-            for member_cm, p in zip(member_cms, probs):
-                member_cm += confusion_matrix(labels, full_res_argmax(p, size).numpy(), C)
+            for member_cm, m in zip(member_cms, scored):  # from the stored resolution, as the store is scored
+                member_cm += confusion_matrix(labels, full_res_argmax(raw[m], size).numpy(), C)
         ids += part
         preds.append(pred)
     return ids, np.concatenate(preds), cm, member_cms
 
 
 def predict_test(members: Members, params: Params, chunk: int, cm: np.ndarray | None = None,
-                 member_cms: Sequence[np.ndarray] | None = None, pool: Executor | None = None, workers: int = 1
-                 ) -> Iterator[tuple[str, np.ndarray]]:
+                 member_cms: Sequence[np.ndarray] | None = None, pool: Executor | None = None, workers: int = 1,
+                 keep_scores: bool = False) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(test id, (H, W) uint8 class map)`` of the blend, in test-id order.
 
     Args:
@@ -136,18 +151,26 @@ def predict_test(members: Members, params: Params, chunk: int, cm: np.ndarray | 
         params: (weights, temperatures).
         chunk: images per streamed chunk (and per task sent to a worker).
         cm: when given (the root must have test labels), the (C, C) confusion of the blend is added to it.
-        member_cms: likewise, one (C, C) matrix per member, for each member's predictions alone.
+        member_cms: likewise, one (C, C) matrix per member, for each member's stored predictions alone (or
+            the score kept beside its store, ``kfold.store.scores``).
         pool: worker processes to share the images; None: this process.
         workers: the pool's size (tasks in flight: two per worker).
+        keep_scores: keep the members' scores made here beside their stores.
     """
     n = len(members.test_ids)
+    kept, scored = _member_scores(members, "test") if member_cms is not None else ({}, [])
     tasks = ((members.reopen_args() if pool is not None else members, range(start, min(start + chunk, n)), params,
-              chunk, cm is not None) for start in range(0, n, chunk))
+              chunk, cm is not None, scored) for start in range(0, n, chunk))
     with tqdm(total=n, desc="blend: test", unit="img", leave=False, disable=None) as bar:
         for ids, preds, part_cm, part_member_cms in _in_order(pool, _predict_part, tasks, 2 * workers):
             if cm is not None:
                 cm += part_cm
-                for total, part in zip(member_cms or [], part_member_cms):
-                    total += part
+                for m, part in zip(scored, part_member_cms):
+                    member_cms[m] += part
             bar.update(len(ids))
             yield from zip(ids, preds)
+    for m, store in enumerate(members.stores):
+        if store.name in kept:
+            member_cms[m] += kept[store.name]
+        elif keep_scores and member_cms is not None:
+            keep_confusion(store, members.root, "test", member_cms[m])

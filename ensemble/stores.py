@@ -106,12 +106,13 @@ class Members:
         for parts in zip(*iters):
             yield parts[0][0], [self.on_grid(p) if on_grid else torch.from_numpy(p) for _, p in parts]
 
-    def iter_test(self, chunk: int, rows: range | None = None) -> Iterator[tuple[list[str], list[torch.Tensor]]]:
+    def iter_test(self, chunk: int, rows: range | None = None, on_grid: bool = True
+                  ) -> Iterator[tuple[list[str], list[torch.Tensor]]]:
         """Yield ``(ids, [probs per member])``: each member's test probabilities averaged over its folds
-        (test rows ``rows``, default all)."""
+        (test rows ``rows``, default all; on the blend grid, or each at its store size)."""
         iters = [s.iter_test(chunk, check=True, rows=rows) for s in self.stores]
         for parts in zip(*iters):
-            yield parts[0][0], [self.on_grid(p) for _, p in parts]
+            yield parts[0][0], [self.on_grid(p) if on_grid else torch.from_numpy(p) for _, p in parts]
 
     def labels(self, ids: Sequence[str], split: str = "train") -> np.ndarray:
         """Full-resolution labels (n, H, W) uint8 of ``ids``; a size other than the stores' is a StoreError."""

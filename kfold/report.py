@@ -29,6 +29,7 @@ from kfold.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accur
 from kfold.plots import plot_qualitative
 from kfold.store.format import StoreError, list_experiments
 from kfold.store.read import ExperimentStore, full_res_argmax, open_experiment, resolve_root, score_experiment
+from kfold.store.scores import keep_confusion
 from kfold.store.write import final_table, format_final_table
 
 POOLED = "pooled confusion matrices"
@@ -114,6 +115,7 @@ def experiment_final_metrics(store: ExperimentStore, root: DataRoot, chunk: int 
         for ids, probs in store.iter_test(chunk):
             labels = np.stack([root.label("test", i) for i in ids])
             cm += confusion_matrix(labels, full_res_argmax(torch.from_numpy(probs), store.image_size).numpy(), C)
+        keep_confusion(store, root, "test", cm)  # a blend reuses it
         iou = iou_per_class(cm)
         table["test (fold-averaged prediction)"] = {
             "pixel_acc": pixel_accuracy(cm), "miou": mean_iou(cm),
@@ -221,6 +223,7 @@ def experiment_report(
     """
     store = open_experiment(runs_dir, name)
     score = score_experiment(store, root, chunk=chunk)
+    keep_confusion(store, resolve_root(root, store), "oof", score["confusion_matrix"])  # a blend reuses it
     table, method = temperature_table(store)
     report = {
         "name": name,

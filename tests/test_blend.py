@@ -265,3 +265,30 @@ def test_worker_processes_give_the_in_process_blend(setup: dict, tmp_path: Path)
     for key in ("weights", "temperatures", "oof", "nested", "member_scores", "global"):
         assert one[key] == two[key], key
     assert {**one["test"], "source": ""} == {**two["test"], "source": ""}
+
+
+def test_members_scores_are_kept_beside_their_stores_and_reused_while_valid(setup: dict, tmp_path: Path) -> None:
+    """A blend keeps each member's own OOF / test confusion in runs/<exp>/store_scores.json; the next blend
+    takes it from there (a planted matrix shows through), until a fold's oof.npy is written again."""
+    runs = tmp_path / "runs"
+    shutil.copytree(setup["runs"], runs)
+    for p in runs.glob("*/store_scores.json"):
+        p.unlink()
+    args = ["--runs-dir", str(runs), "--runs", "exp_a", "exp_b", "--seed", "0", "--workers", "1"]
+    assert main([*args, "--out-dir", str(tmp_path / "one")]) == 0
+    record = json.loads((runs / "exp_a" / "store_scores.json").read_text())
+    first = json.loads(next((tmp_path / "one").glob("blend_*.json")).read_text())
+    truth = first["member_scores"]["exp_a"]["miou"]
+    assert mean_iou(np.asarray(record["oof"]["confusion"])) == pytest.approx(truth, abs=1e-12)
+    assert set(record) == {"oof", "test"}
+    planted = np.eye(C, dtype=np.int64) * 7  # a perfect score no model has
+    record["oof"]["confusion"] = planted.tolist()
+    write_json(runs / "exp_a" / "store_scores.json", record)
+    assert main([*args, "--out-dir", str(tmp_path / "two")]) == 0
+    second = json.loads(next((tmp_path / "two").glob("blend_*.json")).read_text())
+    assert second["member_scores"]["exp_a"]["miou"] == 1.0  # reused, not recomputed
+    oof = runs / "exp_a" / "fold1" / "oof.npy"
+    oof.write_bytes(oof.read_bytes())  # the same values, written again: another mtime
+    assert main([*args, "--out-dir", str(tmp_path / "three")]) == 0
+    third = json.loads(next((tmp_path / "three").glob("blend_*.json")).read_text())
+    assert third["member_scores"]["exp_a"]["miou"] == pytest.approx(truth, abs=1e-12)

@@ -160,3 +160,17 @@ def test_a_streamed_run_killed_mid_pass_resumes_to_the_same_weights(synthetic_ro
     log = (run_dir / "train.log").read_text()
     assert f"resumed {run_dir} at iteration 20/40" in log and "data.streaming:" in log
     assert same_weights(run_dir / "model.safetensors", reference / "model.safetensors")
+
+
+def test_an_epoch_recipe_trains_from_the_stream(synthetic_root, shards, tmp_path) -> None:
+    """exp093_2 (epochs) streamed: each epoch takes as many steps as a map-style one, and predicts as usual."""
+    from test_iterations import experiment
+
+    proc = subprocess.run([sys.executable, *experiment(synthetic_root, tmp_path / "runs", "--buffer_batches", "4",
+                                                       "--opts", "data.streaming", "true", "data.shards",
+                                                       str(shards))],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "exp093_2" / "fold0"
+    assert "shuffle buffer 4 batches" in (run_dir / "train.log").read_text()
+    assert (run_dir / "manifest.json").is_file() and (run_dir / "model.safetensors").is_file()
