@@ -11,7 +11,7 @@ complementary per class, with different confidences so that uniform weights are 
   Nelder-Mead on the same objective; the full arrays are loaded first and that load is NOT timed;
 * a fine grid search of the weights on the same full-resolution objective (the optimum to reach).
 
-Every final blend is scored the same way, by ``ensemble.stores.score_full_res`` (full label resolution).
+Every final blend is scored the same way, by ``ensemble.passes.score_full_res`` (full label resolution).
 Weights only (temperatures fixed at 1) so that every method searches the same space; extra lines show
 ours with temperatures fitted too, and per-class weights (``--per-class``) against one weight per model.
 """
@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from common import complementary_models, fmt_s, make_root, note, parse_args, pick, result, write_fake_experiment
 
 from ensemble.optimize import BlendOptions, fit_blend
-from ensemble.stores import Members, build_sample, open_members, score_full_res
+from ensemble.passes import score_full_res
+from ensemble.stores import Members, build_sample, open_members
 from kfold.metrics import mean_iou
 
 C = 13

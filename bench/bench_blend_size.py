@@ -111,7 +111,8 @@ def run_sampled(cmd: Sequence[str], env: dict[str, str]) -> tuple[float, int, in
     return wall, peaks["RssAnon"], peaks["RssFile"], subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def generate(work: Path, n_train: int, n_test: int, size: tuple[int, int]) -> tuple[Path, Path]:
+def generate(work: Path, n_train: int, n_test: int, size: tuple[int, int], progress: bool = True
+             ) -> tuple[Path, Path]:
     """The data root and the four experiments' stores under ``work`` (reused when complete)."""
     root, runs, ready = work / "root", work / "runs", work / "ready.json"
     spec = {"n_train": n_train, "n_test": n_test, "size": list(size), "models": N_MODELS}
@@ -123,22 +124,23 @@ def generate(work: Path, n_train: int, n_test: int, size: tuple[int, int]) -> tu
     make_root(root, n_train, size, n_test=n_test)
     for m, (skill, confidence) in enumerate(complementary_models(N_MODELS, C)):
         write_fake_experiment(runs, f"model{m}", root, skill, confidence, seed=m + 1, fold_test=False,
-                              progress=True)
+                              progress=progress)
     ready.write_text(json.dumps(spec))
     note(f"generated {n_train} + {n_test} images {size[0]}x{size[1]} and {N_MODELS} experiments' stores "
          f"in {time.perf_counter() - t0:.0f} s")
     return root, runs
 
 
-def run_case(work: Path, n_train: int, n_test: int, size: tuple[int, int]) -> None:
-    root, runs = generate(work, n_train, n_test, size)
+def run_case(work: Path, n_train: int, n_test: int, size: tuple[int, int], tiny: bool = False) -> None:
+    root, runs = generate(work, n_train, n_test, size, progress=not tiny)
     stores = [p for p in files_under(runs) if p.suffix == ".npy"]
     drop_page_cache(list(files_under(runs, root)))
     t_read, n_bytes = read_once(stores)
     for p in runs.glob("*/store_scores.json"):  # the first blend scores every member itself
         p.unlink()
     tag = f"{N_MODELS} models x {n_train} + {n_test} images {size[0]}x{size[1]}"
-    for run, label in (("first", "blend --per-class"), ("again", "again, member scores kept")):
+    runs_to_time = (("first", "blend --per-class"), ("again", "again, member scores kept"))
+    for run, label in runs_to_time[:1] if tiny else runs_to_time:  # tiny: the suite's check, one blend
         drop_page_cache(list(files_under(runs, root)))
         blend_once(work, runs, run, f"size {tag}: {label} vs read stores once", t_read, n_bytes)
 
@@ -167,10 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_train, n_test, size = pick(args.mode, (795, 654, (480, 640)), (120, 100, (240, 320)), (20, 8, (48, 64)))
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
-        run_case(args.workdir, n_train, n_test, size)
+        run_case(args.workdir, n_train, n_test, size, args.mode == "tiny")
         return 0
     with tempfile.TemporaryDirectory(prefix="bench_blend_size_") as tmp:
-        run_case(Path(tmp), n_train, n_test, size)
+        run_case(Path(tmp), n_train, n_test, size, args.mode == "tiny")
     return 0
 
 

@@ -1,10 +1,11 @@
 """The blend's two passes at label resolution: OOF confusion matrices of every candidate, and the test class maps.
 
 Each pass reads every image once: all candidate blends (in-sample, nested, global) and every member whose
-score is not kept beside its store (``kfold.store.scores``) are scored from the same chunk. With a process pool the images are split into parts, a few in flight at a
-time (bounded memory); a worker opens the stores itself (memory maps are not sent between processes) and
-sends back confusion matrices or uint8 class maps. Processes, not torch threads: the upsampling and the
-argmax are memory-bound, and a second intra-op thread gained nothing on 2 cores (measured).
+score is not kept beside its store (``kfold.store.scores``) are scored from the same chunk. With a process
+pool the images are split into parts, a few in flight at a time (bounded memory); a worker opens the stores
+itself (memory maps are not sent between processes) and sends back confusion matrices or uint8 class maps.
+Processes, not torch threads: the upsampling and the argmax are memory-bound, and a second intra-op thread
+gained nothing on 2 cores (measured).
 """
 
 from __future__ import annotations
