@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -32,13 +34,28 @@ class FoldResult:
 
 
 def fit_pool(workers: int) -> ProcessPoolExecutor | None:
-    """A process pool for blend fits, or None (run in this process) when ``workers`` <= 1.
+    """A process pool for blend fits and passes, or None (run in this process) when ``workers`` <= 1.
 
-    Workers are spawned, not forked: a fork of a process whose OpenMP pool is running can hang.
+    Workers are spawned, not forked: a fork of a process whose OpenMP pool is running can hang. Each
+    worker exits when the blend that started it dies (see :func:`_exit_with_parent`).
     """
     if workers <= 1:
         return None
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_exit_with_parent, initargs=(os.getpid(),))
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Exit this worker once ``parent`` is gone: a killed blend (SIGKILL) never shuts its pool down, and its
+    workers, waiting on a queue they hold both ends of, would otherwise stay for good (seen after a kill
+    during the test pass)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def default_workers(n_fits: int) -> int:

@@ -194,8 +194,21 @@ def test_fold_killed_mid_epoch_in_checkpoint_write_and_in_oof_write_resumes_to_u
         open_experiment(out, EXP)
 
 
-def test_blend_killed_during_submission_write_keeps_previous_submission(synthetic_root: Path,
-                                                                        tmp_path: Path) -> None:
+def _spawned_workers(tag: str) -> set[int]:
+    """pids of multiprocessing spawn workers whose environment carries ``FOLDWISE_TEST_RUN=<tag>``."""
+    pids = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if (b"spawn_main" in (proc / "cmdline").read_bytes()
+                    and f"FOLDWISE_TEST_RUN={tag}".encode() in (proc / "environ").read_bytes().split(b"\0")):
+                pids.add(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_blend_killed_during_submission_write_keeps_previous_submission(synthetic_root: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     runs, sub = tmp_path / "runs", tmp_path / "sub"
     write_store(runs, "exp_a", synthetic_root, seed=1)
     write_store(runs, "exp_b", synthetic_root, seed=2)
@@ -205,7 +218,12 @@ def test_blend_killed_during_submission_write_keeps_previous_submission(syntheti
     csv_path = sub / "ab.csv"
     before = {p.name: sha(p) for p in (csv_path, sub / "ab.json", sub / "leaderboard.csv")}
 
+    monkeypatch.setitem(ENV, "FOLDWISE_TEST_RUN", str(tmp_path))  # marks the killed blend's pool workers
     kill_at(["ensemble/blend.py", *args], "csv:1", tmp_path)
+    deadline = time.monotonic() + 15  # they notice their parent is gone (they poll each second) and exit
+    while _spawned_workers(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _spawned_workers(str(tmp_path)), "the killed blend left its worker processes running"
     assert {p: sha(sub / p) for p in before} == before, "a previous output changed"
     half = temporaries(sub, "ab.csv")
     assert len(half) == 1, "the kill did not land inside the submission write"
