@@ -174,3 +174,18 @@ def test_an_epoch_recipe_trains_from_the_stream(synthetic_root, shards, tmp_path
     run_dir = tmp_path / "runs" / "exp093_2" / "fold0"
     assert "shuffle buffer 4 batches" in (run_dir / "train.log").read_text()
     assert (run_dir / "manifest.json").is_file() and (run_dir / "model.safetensors").is_file()
+
+
+def test_worker_count_is_part_of_a_streamed_recipe(tmp_path) -> None:
+    """Loader workers decide how a stream deals its shards: another count is another run; map-style not."""
+    from kfold.config import build_recipe
+    from kfold.rundir import recipe_differences, write_config
+
+    recipe = build_recipe({}, "smoke")
+    for streaming in (False, True):
+        recipe.data.streaming, recipe.data.num_workers = streaming, 0
+        write_config(tmp_path, recipe, tmp_path, 0, "sha")
+        recipe.data.num_workers = 2
+        recipe.data.shards = str(tmp_path / "elsewhere")  # the same shards moved: never a difference
+        assert recipe_differences(tmp_path, recipe) == (["data.num_workers"] if streaming else [])
+        recipe.data.shards = None
