@@ -145,9 +145,9 @@ class ColumnMoves:
     def __init__(self, ev: Evaluator, weights: np.ndarray, temperatures: np.ndarray):
         self.ev, self.temperatures = ev, np.asarray(temperatures)
         acc = ev.blend(weights, temperatures)
-        self.best_value, self.best_index = acc.max(dim=0)  # first index of the maximum, as argmax
+        self.best_value, self.best_index = acc.amax(dim=0), class_argmax(acc, 0).long()  # first of ties, as argmax
         acc[self.best_index, torch.arange(acc.shape[1])] = -torch.inf
-        self.second_value, self.second_index = acc.max(dim=0)
+        self.second_value, self.second_index = acc.amax(dim=0), class_argmax(acc, 0).long()
 
     def miou(self, weights: np.ndarray, c: int) -> float:
         """Weighted true mIoU of ``weights``, equal to the base point outside column ``c``."""

@@ -319,6 +319,8 @@ def test_column_moves_score_as_the_full_evaluation():
     y = rng.integers(0, C, 5000)
     probs = [_model(rng, y, range(m, C, 3)) for m in range(3)]
     probs[2][:100] = probs[0][:100]  # exact ties between models on some pixels
+    for q in probs:
+        q[100:150] = np.float32(1 / C)  # and between classes: every class equal, for every model
     ev = Evaluator(probs, y, np.ones(len(y)), C)
     w = rng.dirichlet(np.ones(3), size=C).T  # (M, C), each class column on the simplex
     temps = np.array([1.0, 0.7, 1.5])
