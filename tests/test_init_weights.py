@@ -99,9 +99,9 @@ def sidewalk_root(synthetic_root: Path, out: Path) -> Path:
 def test_exp095_1_smoke_on_a_two_class_root(synthetic_root, tmp_path) -> None:
     root = sidewalk_root(synthetic_root, tmp_path / "sidewalk")
     out = tmp_path / "runs"
-    shards = subprocess.run([sys.executable, "-m", "kfold.data.shards", "--data-root", str(root), "--out",
-                             str(root / "shards")], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert shards.returncode == 0, shards.stderr  # exp095_1 streams its training data from <root>/shards
+    shards = subprocess.run([sys.executable, "-m", "kfold.data.shards", "--data-root", str(root)], cwd=REPO,
+                            env=ENV, capture_output=True, text=True, timeout=300)
+    assert shards.returncode == 0, shards.stderr  # the default --out, <root>/shards, is where exp095_1 looks
     proc = subprocess.run([sys.executable, "experiments/exp095_1.py", "--preset", "smoke", "--data-root", str(root),
                            "--out", str(out), "--fold", "0"], cwd=REPO, env=ENV, capture_output=True, text=True,
                           timeout=900)

@@ -1,7 +1,7 @@
 """A dataset root's train split as webdataset tar shards, for training that streams its data.
 
 Usage:
-    python -m kfold.data.shards --data-root data/sidewalk --out data/sidewalk_shards [--shard-size 256]
+    python -m kfold.data.shards --data-root data/sidewalk [--out data/sidewalk/shards] [--shard-size 256]
 
 Each sample is one image's files, byte for byte (``<id>.image.png``, ``.depth.png``, ``.label.png`` and
 ``.teacher.png`` / ``.teacher.npy`` where the root has them); ``shards.json``, written last, names every shard
@@ -147,10 +147,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m kfold.data.shards", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", "--data_root", dest="data_root", required=True, type=Path,
                    help="the dataset root to shard (its train split)")
-    p.add_argument("--out", required=True, type=Path, help="new folder for the shards and shards.json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="new folder for the shards and shards.json (default <data-root>/shards, where a "
+                        "streamed run looks unless data.shards says otherwise)")
     p.add_argument("--shard-size", "--shard_size", dest="shard_size", type=int, default=256,
                    help="samples per shard (default 256; keep several shards per rank x loader worker)")
     args = p.parse_args(argv)
+    args.out = args.out or args.data_root / "shards"
     if args.shard_size < 1:
         p.error(f"--shard-size must be >= 1, got {args.shard_size}")
     return args
