@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from foldwise.cli import ArgumentParser, run_entry_point
 from foldwise.io import staged_folder, write_json
-from kfold.data.layout import TEACHER_DIR, DataError, DataRoot, open_root
+from kfold.data.layout import DataError, DataRoot, open_root
 from kfold.splits import FOLDS_FILE, folds_sha256
 
 INDEX = "shards.json"
@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def run() -> None:
         index = write_shards(open_root(args.data_root), args.out, args.shard_size)
         print(f"wrote {len(index.shards)} shards of up to {args.shard_size} samples ({len(index.ids)} train "
-              f"images, {TEACHER_DIR if index.has_teacher else 'no teacher'}) to {args.out}")
+              f"images{', with teacher depths' if index.has_teacher else ''}) to {args.out}")
 
     return run_entry_point(run, args.debug)
 
