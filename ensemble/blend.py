@@ -64,7 +64,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk", type=int, default=4,
                    help="images per streamed chunk (memory: ~ chunk x members x the candidates' temperatures)")
     p.add_argument("--workers", type=int, default=None,
-                   help="processes for the fits (default: one per fit, at most one per CPU; 1 = no pool)")
+                   help="processes for the fits and the two passes over the images (default: one per fit, at most one "
+                        "per CPU; 1 = no pool)")
     args = p.parse_args(argv)
     if args.name is not None and not NAME.fullmatch(args.name):
         p.error(f"--name {args.name!r}: use letters, digits and . _ + - only")
