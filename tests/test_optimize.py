@@ -321,7 +321,8 @@ def test_column_moves_score_as_the_full_evaluation():
     probs[2][:100] = probs[0][:100]  # exact ties between models on some pixels
     for q in probs:
         q[100:150] = np.float32(1 / C)  # and between classes: every class equal, for every model
-    ev = Evaluator(probs, y, np.ones(len(y)), C)
+    class_weights = rng.uniform(0.5, 3.0, C)  # population / sample counts, as the pixel sample's
+    ev = Evaluator(probs, y, class_weights[y], C)
     w = rng.dirichlet(np.ones(3), size=C).T  # (M, C), each class column on the simplex
     temps = np.array([1.0, 0.7, 1.5])
     moves = ColumnMoves(ev, w, temps)
