@@ -32,7 +32,7 @@ import numpy as np
 
 from ensemble.nested import FoldResult, default_workers, fit_pool, nested_cv
 from ensemble.optimize import METHODS, BlendOptions, BlendResult, fit_blend
-from ensemble.passes import predict_test, score_full_res, warm_page_cache
+from ensemble.passes import predict_test, release_freed_heap, score_full_res, warm_page_cache
 from ensemble.plots import plot_per_class, plot_weights
 from ensemble.stores import Members, build_sample, open_members
 from foldwise.cli import ArgumentParser, run_entry_point
@@ -202,7 +202,10 @@ def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -
     log(f"blending {', '.join(names)}: {k} folds, {len(members.ids)} train / {len(members.test_ids)} test images, "
         f"grid {members.grid} -> {members.image_size}, root {members.root.path}")
     laps("load")
-    sample = build_sample(members, args.pixels, args.seed, args.chunk)
+    oof_files = [f for s in members.stores for f in s.store_files("oof")]
+    with warm_page_cache(oof_files):  # the sample pass decodes labels and checks rows while the disk reads ahead
+        sample = build_sample(members, args.pixels, args.seed, args.chunk)
+    release_freed_heap()
     laps("sample")
     options = BlendOptions(args.method, fit_temperature=not args.no_temperature, per_class=args.per_class,
                            seed=args.seed)
@@ -214,7 +217,7 @@ def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -
     log(fit.message)
     laps("fit + nested")
     test_files = [f for s in members.stores for f in s.store_files("test")]
-    oof_bytes = sum(f.stat().st_size for s in members.stores for f in s.store_files("oof"))
+    oof_bytes = sum(f.stat().st_size for f in oof_files)
     # New workers for the passes: the fits' processes keep what their heaps grew to (measured on a NYUv2-sized
     # blend, with --chunk 8 -> 4 at the same time: peak heap of all processes 4.2 -> 2.8 GiB).
     with worker_pool(workers) as pool, warm_page_cache(test_files, also_cached=oof_bytes) as warming:

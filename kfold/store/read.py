@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 import torch
 from torch import Tensor
@@ -38,6 +39,41 @@ from kfold.store.format import (
 )
 from tta import apply_temperature
 from tta.argmax import upsampled_argmax
+
+_FAULTS = ("NaN or infinite", "negative", "> 1", "class sums away from 1")  # the order rows are judged in
+
+
+@numba.njit(nogil=True, cache=True)
+def _row_faults(probs: np.ndarray, prob_tol: float, sum_tol: float) -> np.ndarray:  # pragma: no cover - compiled
+    """(n, 4) bool: which of ``_FAULTS`` each row of probs (n, C, P) float32 shows, in one pass over it (numpy
+    took four passes and their temporaries: 4 ms for 4 x 13 x 240x320, a tenth of the blend's OOF pass).
+
+    Per-pixel running sums, minima and maxima (element-wise, so LLVM vectorises them); a NaN or infinity
+    anywhere in a pixel leaves its class sum non-finite."""
+    n, num_classes, pixels = probs.shape
+    faults = np.zeros((n, 4), np.bool_)
+    sums, low, high = np.empty(pixels, np.float32), np.empty(pixels, np.float32), np.empty(pixels, np.float32)
+    for i in range(n):
+        sums[:], low[:], high[:] = probs[i, 0], probs[i, 0], probs[i, 0]
+        for c in range(1, num_classes):
+            for p in range(pixels):
+                v = probs[i, c, p]
+                sums[p] += v
+                low[p] = v if v < low[p] else low[p]
+                high[p] = v if v > high[p] else high[p]
+        for p in range(pixels):
+            faults[i, 0] |= not np.isfinite(sums[p])
+            faults[i, 1] |= low[p] < -prob_tol
+            faults[i, 2] |= high[p] > 1 + prob_tol
+            faults[i, 3] |= abs(sums[p] - 1) > sum_tol
+    return faults
+
+
+def _as_float32(block: np.ndarray) -> np.ndarray:
+    """float32 copy of a store block: torch widens float16 ~3x faster than numpy (vectorised)."""
+    if block.dtype == np.float16:  # (a copy first where the block is a read-only memory map: torch writes)
+        return torch.from_numpy(block if block.flags.writeable else np.array(block)).float().numpy()
+    return np.array(block, dtype=np.float32)
 
 
 @dataclass
@@ -99,14 +135,9 @@ class ExperimentStore:
     def _check(self, probs: np.ndarray, fold: int | None, rows: Sequence[int], ids: Sequence[str], split: str
                ) -> None:
         """Raise a StoreError naming the fold and id of the first row with NaN / out-of-range values."""
-        axes = tuple(range(1, probs.ndim))
-        sums = probs.sum(axis=1)
-        bad = {
-            "NaN or infinite": ~np.isfinite(probs).all(axis=axes),
-            "negative": (probs < -PROB_TOL).any(axis=axes),
-            "> 1": (probs > 1 + PROB_TOL).any(axis=axes),
-            "class sums away from 1": (np.abs(sums - 1) > SUM_TOL).any(axis=tuple(range(1, sums.ndim))),
-        }
+        faults = _row_faults(np.ascontiguousarray(probs, dtype=np.float32).reshape(*probs.shape[:2], -1),
+                             PROB_TOL, SUM_TOL)
+        bad = {what: faults[:, k] for k, what in enumerate(_FAULTS)}
         flagged = [(int(np.flatnonzero(mask)[0]), what) for what, mask in bad.items() if mask.any()]
         if flagged:
             i, what = min(flagged, key=lambda x: x[0])  # first bad row; NaN before range before sums
@@ -140,7 +171,7 @@ class ExperimentStore:
                 pos = np.flatnonzero(where[:, 0] == fold)
                 pos = pos[np.argsort(where[pos, 1])]  # ascending rows: one forward sweep over the memmap
                 rows = where[pos, 1]
-                block = np.asarray(self.fold_arrays[fold].oof[rows], dtype=np.float32)
+                block = _as_float32(self.fold_arrays[fold].oof[rows])
                 if check:
                     self._check(block, int(fold), rows.tolist(), [part[p] for p in pos], "oof")
                 out[pos] = block
@@ -172,7 +203,7 @@ class ExperimentStore:
             for arrays in self.fold_arrays:
                 blocks.append(arrays.test[start : start + len(part)])
                 if check:
-                    self._check(np.asarray(blocks[-1], dtype=np.float32), arrays.fold,
+                    self._check(_as_float32(blocks[-1]), arrays.fold,
                                 range(start, start + len(part)), part, "test")
             yield part, mean_of_folds(blocks)
 
