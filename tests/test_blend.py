@@ -292,3 +292,32 @@ def test_members_scores_are_kept_beside_their_stores_and_reused_while_valid(setu
     assert main([*args, "--out-dir", str(tmp_path / "three")]) == 0
     third = json.loads(next((tmp_path / "three").glob("blend_*.json")).read_text())
     assert third["member_scores"]["exp_a"]["miou"] == pytest.approx(truth, abs=1e-12)
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read through read() calls (page-cache hits included), from /proc/self/io."""
+    line = next(x for x in Path("/proc/self/io").read_text().splitlines() if x.startswith("rchar:"))
+    return int(line.split()[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="reads /proc/self/io (Linux)")
+def test_warm_page_cache_reads_every_file_in_the_background_then_stops(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from ensemble.passes import warm_page_cache
+
+    files = []
+    for i, size in enumerate((3 << 20, 1 << 20, 20 << 20)):  # one file outlasts the others: round-robin
+        files.append(tmp_path / f"store{i}.npy")
+        files[-1].write_bytes(np.random.default_rng(i).bytes(size))
+    before = _bytes_read()
+    with warm_page_cache(files) as size:
+        assert size == 24 << 20
+        deadline = time.monotonic() + 30
+        while _bytes_read() - before < size and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _bytes_read() - before >= size  # every byte of every file went through a read
+    assert not any(t.name == "warm-page-cache" for t in threading.enumerate())  # stopped with the block
+    with warm_page_cache(files, keep_free=1 << 60) as size:  # would not fit beside the memory kept free
+        assert size == 0
