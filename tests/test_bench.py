@@ -28,10 +28,12 @@ def lines(out: str, group: str) -> list[str]:
 
 def test_every_script_ran(tiny_output: str) -> None:
     assert "all passed" in tiny_output
-    for name in ("blend", "blend_size", "tta", "metrics", "train_loop", "oof_store", "data", "scaling", "predict"):
+    for name in ("blend", "blend_size", "argmax", "tta", "metrics", "train_loop", "oof_store", "data", "scaling",
+                 "predict"):
         assert re.search(rf"^## bench_{name}\.py: [\d.]+ s, rc 0", tiny_output, re.M), name
     assert tiny_output.startswith("# machine: ")
-    expected = {"blend": 10, "tta": 3, "metrics": 2, "train": 3, "oof": 5, "data": 4, "scaling": 1, "predict": 1}
+    expected = {"blend": 10, "argmax": 2, "tta": 3, "metrics": 2, "train": 3, "oof": 5, "data": 4, "scaling": 1,
+                "predict": 1}
     for group, n in expected.items():
         found = lines(tiny_output, group)
         assert len(found) >= n, (group, found)
@@ -44,6 +46,9 @@ def test_correctness_checks(tiny_output: str) -> None:
     # The figures mean nothing at tiny sizes; these checks do.
     assert all("identical=True" in line for line in lines(tiny_output, "metrics"))
     assert "same_miou=True" in tiny_output
+    class_argmax, fused = lines(tiny_output, "argmax")
+    assert "identical=True" in class_argmax  # the kernel is torch's argmax, ties included
+    assert float(re.search(r"same_pixels=([\d.]+)%", fused).group(1)) >= 99.9  # up to float near-ties
     flip = [line for line in lines(tiny_output, "tta") if line.split()[1] == "flip,"]
     assert flip
     for line in flip:  # flips only: ours and ttach average the same probabilities
