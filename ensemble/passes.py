@@ -72,10 +72,10 @@ def warm_page_cache(paths: Sequence[Path], also_cached: int = 0, keep_free: int 
     """Read ``paths`` once in a background thread while the block runs, so that a pass over them finds them in
     the page cache rather than waiting on the disk; yields the bytes it set out to read (0: skipped).
 
-    A pass that faults a memory map in page by page waits on the disk, then computes, in turn. The blend's
-    test pass was disk-bound (at NYUv2 size, 10 GB of test stores read cold at ~0.35 GB/s against ~10 s of
-    work), and its sample pass half so: reading the test stores during the OOF pass, which uses the CPUs
-    and not the disk, and the OOF stores ahead of the sample pass overlaps the two. The files are read
+    A pass that faults a memory map in page by page waits on the disk, then computes, in turn. At NYUv2 size
+    the blend's test pass read 10 GB of test stores cold (~0.35 GB/s) and took 40.8 s; read during the OOF
+    pass, which uses the CPUs and not the disk, they took it to 20.9 s. The OOF stores are read ahead of the
+    sample pass likewise. The files are read
     round-robin, block by block, in about the row order a pass reads them. Skipped when the files,
     ``also_cached`` bytes that must stay cached beside them (the OOF stores the running pass reads) and
     ``keep_free`` bytes of heap would not fit in the available memory: evicting pages a pass still needs

@@ -11,10 +11,11 @@ to 480x640 and argmaxed).
 
 The upsampling is torch's bilinear formula (``align_corners=False``): each output is
 ``fma(t0, wy0, t1 * wy1)`` of the two width-interpolated rows ``t = fma(x0, wx0, x1 * wx1)``, with torch's
-source indices and weights. Torch's own CPU kernel rounds differently along different code paths (its
-values for 13 x 240x320 -> 480x640 change with the thread count set before its first call), so no result
-can equal all of them; this one is the same in every process, and its class maps differ from torch's only
-where two classes are within float rounding of each other.
+source indices and weights. Torch's own CPU kernel rounds differently along different code paths (for
+3 x 240x320 -> 480x640, 35% of its values change when one thread is set before its first call; small images
+take yet other paths), so no result can equal all of them. This one is the same in every process; on the
+blend's shapes (13 x 240x320 -> 480x640) it equalled torch's values, and elsewhere its class maps differ
+from torch's only where two classes are within float rounding of each other.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ SPLITS = ("oof", "test")
 
 def _identity(store: ExperimentStore, root: DataRoot, split: str) -> dict[str, Any]:
     if split == "oof":
-        stats = [(fa.path / fa.manifest.oof["file"]).stat() for fa in store.fold_arrays]
+        stats = [path.stat() for path in store.store_files("oof")]
         stores: list[dict[str, Any]] = [{"size": st.st_size, "mtime_ns": st.st_mtime_ns} for st in stats]
     else:
         stores = fold_test_digests(store.fold_arrays)
