@@ -1,4 +1,4 @@
-"""Class maps: ``tta.argmax`` (numba kernels) against torch, on a chunk of a store at NYUv2 size.
+"""Class maps: ``kfold.argmax`` (numba kernels) against torch, on a chunk of a store at NYUv2 size.
 
 Two figures, both sides on the same tensors in this process: the argmax over the class axis of (4, 13, 480,
 640) float32 (``class_argmax`` against ``torch.argmax(dim=1)``), and a chunk of 4 float16 store images of
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from common import best_time, fmt_s, parse_args, pick, result
 
-from tta.argmax import class_argmax, upsampled_argmax
+from kfold.argmax import class_argmax, upsampled_argmax
 
 C = 13
 

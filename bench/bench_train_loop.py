@@ -28,7 +28,8 @@ from kfold.checkpoint import rng_state, save_checkpoint, write_metrics
 from kfold.config import build_recipe
 from kfold.data.layout import DEFAULT_CLASSES
 from kfold.models import build_model
-from kfold.train import build_loss, build_optimizer, split_outputs, train_steps, warmup_cosine
+from kfold.train import build_loss, build_optimizer, train_steps, warmup_cosine
+from tta import split_output
 
 log = logging.getLogger("kfold")
 
@@ -82,7 +83,7 @@ def bare_epoch(side: Side, batches: list) -> float:
     t0 = time.perf_counter()
     side.model.train()
     for batch in batches:
-        seg, depth_pred = split_outputs(side.model(batch["image"]))
+        seg, depth_pred = split_output(side.model(batch["image"]))
         loss, _ = side.loss_fn(seg, depth_pred, batch["label"], batch["depth"], batch["image"])
         side.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import math
 import re
 import sys
@@ -34,9 +33,9 @@ from ensemble.nested import FoldResult, default_workers, fit_pool, nested_cv
 from ensemble.optimize import METHODS, BlendOptions, BlendResult, fit_blend
 from ensemble.passes import predict_test, release_freed_heap, score_full_res, warm_page_cache
 from ensemble.plots import plot_per_class, plot_weights
+from ensemble.record import BlendRecord
 from ensemble.stores import Members, build_sample, open_members
 from foldwise.cli import ArgumentParser, run_entry_point
-from foldwise.io import write_json
 from foldwise.leaderboard import leaderboard_row
 from kfold.metrics import iou_per_class, mean_iou, pixel_accuracy
 from submissions.leaderboard import sync_experiment_rows, upsert_leaderboard
@@ -190,7 +189,7 @@ def submit_and_score(members: Members, fit: BlendResult, args: argparse.Namespac
     return summary, test
 
 
-def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -> dict[str, Any]:
+def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -> BlendRecord:
     """Fit, score and write one blend; return its record (what ``<name>.json`` holds)."""
     laps = Laps()
     members, skipped = open_members(args.runs_dir, args.runs, args.data_root, make_test_mean=not args.dry_run)
@@ -218,108 +217,106 @@ def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -
     laps("fit + nested")
     test_files = [f for s in members.stores for f in s.store_files("test")]
     oof_bytes = sum(f.stat().st_size for f in oof_files)
-    # New workers for the passes: the fits' processes keep what their heaps grew to (measured on a NYUv2-sized
-    # blend, with --chunk 8 -> 4 at the same time: peak heap of all processes 4.2 -> 2.8 GiB).
+    # New workers for the passes: the fits' processes keep what their heaps grew to (peak heap of all
+    # processes in bench/bench_blend_size.py).
     with worker_pool(workers) as pool, warm_page_cache(test_files, also_cached=oof_bytes) as warming:
         if warming:
             log(f"reading the test stores ({warming / 2**30:.1f} GiB) into the page cache during the OOF pass")
         cms = score_oof(members, fit, nested, args.chunk, pool, workers, keep_scores=not args.dry_run)
         laps("full-res scoring")
         summary, test = submit_and_score(members, fit, args, csv_path, laps, pool, workers)
-    has_global = "global" in cms
-    record = {
-        "name": name, "method": args.method, "per_class": args.per_class, "members": names,
-        "classes": list(classes), "folds": k,
-        "class_map": members.root.class_map.to_record() if members.root.class_map else None,
-        "weights": fit.weights.tolist(), "temperatures": fit.temperatures.tolist(),
-        "chosen": fit.chosen, "moved": fit.moved, "start_miou_sample": fit.start_miou,
-        "candidates_sample": fit.candidates, "fit_message": fit.message, "n_evals": fit.n_evals,
-        "oof": _scores(cms["blend"], classes), "nested": _scores(cms["nested"], classes),
-        "nested_folds": [{"fold": r.fold, "weights": r.fit.weights.tolist(),
-                          "temperatures": r.fit.temperatures.tolist(), "chosen": r.fit.chosen,
-                          "sample_miou_heldout": r.miou} for r in nested],
-        "member_scores": {n: _scores(cms[n], classes) for n in names},
-        "global": None if not has_global else {
-            "weights": fit.candidate_params["global"][0].tolist(),
-            "temperatures": fit.candidate_params["global"][1].tolist(),
-            "oof": _scores(cms["global"], classes), "nested": _scores(cms["global_nested"], classes)},
-        "test": test, "sample_pixels": len(sample.labels), "seed": args.seed, "order": args.order,
-        "submission": str(csv_path), "written": summary.written, "data_root": str(members.root.path),
-        "timings_s": laps.seconds, "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    global_ = None
+    if "global" in cms:
+        global_ = {"weights": fit.candidate_params["global"][0].tolist(),
+                   "temperatures": fit.candidate_params["global"][1].tolist(),
+                   "oof": _scores(cms["global"], classes), "nested": _scores(cms["global_nested"], classes)}
+    record = BlendRecord(
+        name=name, method=args.method, per_class=args.per_class, members=names, classes=list(classes), folds=k,
+        class_map=members.root.class_map.to_record() if members.root.class_map else None,
+        weights=fit.weights.tolist(), temperatures=fit.temperatures.tolist(),
+        chosen=fit.chosen, moved=fit.moved, start_miou_sample=fit.start_miou,
+        candidates_sample=fit.candidates, fit_message=fit.message, n_evals=fit.n_evals,
+        oof=_scores(cms["blend"], classes), nested=_scores(cms["nested"], classes),
+        nested_folds=[{"fold": r.fold, "weights": r.fit.weights.tolist(),
+                       "temperatures": r.fit.temperatures.tolist(), "chosen": r.fit.chosen,
+                       "sample_miou_heldout": r.miou} for r in nested],
+        member_scores={n: _scores(cms[n], classes) for n in names}, global_=global_,
+        test=test, sample_pixels=len(sample.labels), seed=args.seed, order=args.order,
+        submission=str(csv_path), written=summary.written, data_root=str(members.root.path),
+        timings_s=laps.seconds, created=datetime.now(UTC).isoformat(timespec="seconds"))
     if not args.dry_run:
         _write_outputs(record, members, Path(args.out_dir))
     return record
 
 
-def _write_outputs(record: dict[str, Any], members: Members, out_dir: Path) -> None:
-    name, names, classes = record["name"], record["members"], record["classes"]
-    write_json(out_dir / f"{name}.json", json.loads(json.dumps(record, default=float), parse_constant=lambda _: None))
-    plot_weights(names, record["weights"], record["temperatures"], out_dir / "plots" / f"{name}_weights.png",
+def _write_outputs(record: BlendRecord, members: Members, out_dir: Path) -> None:
+    name, names, classes = record.name, record.members, record.classes
+    record.write(out_dir / f"{name}.json")
+    plot_weights(names, record.weights, record.temperatures, out_dir / "plots" / f"{name}_weights.png",
                  f"{name}: weights and temperatures", classes)
-    per_model = {n: list(record["member_scores"][n]["per_class_iou"].values()) for n in names}
-    plot_per_class(classes, per_model, list(record["oof"]["per_class_iou"].values()),
+    per_model = {n: list(record.member_scores[n]["per_class_iou"].values()) for n in names}
+    plot_per_class(classes, per_model, list(record.oof["per_class_iou"].values()),
                    out_dir / "plots" / f"{name}_per_class.png", f"{name}: OOF per-class IoU")
     board = out_dir / "leaderboard.csv"
     upsert_leaderboard(leaderboard_row(
-        name=name, kind="blend", members=names, weights=np.round(record["weights"], 4).tolist(),
-        temperatures=[round(t, 4) for t in record["temperatures"]], oof_miou=record["oof"]["miou"],
-        oof_miou_nested=record["nested"]["miou"], pixel_acc=record["oof"]["pixel_acc"],
-        per_class_iou=record["oof"]["per_class_iou"], submission=record["submission"], created=record["created"]),
+        name=name, kind="blend", members=names, weights=np.round(record.weights, 4).tolist(),
+        temperatures=[round(t, 4) for t in record.temperatures], oof_miou=record.oof["miou"],
+        oof_miou_nested=record.nested["miou"], pixel_acc=record.oof["pixel_acc"],
+        per_class_iou=record.oof["per_class_iou"], submission=record.submission, created=record.created),
         board)
     reported = sync_experiment_rows(members.stores[0].path.parent, board, names)
     for store in members.stores:
         if store.name not in reported:  # no kfold.report run yet: this blend's full-resolution score of the store
-            s = record["member_scores"][store.name]
+            s = record.member_scores[store.name]
             upsert_leaderboard(leaderboard_row(name=store.name, kind="experiment", members=store.name,
                                                oof_miou=s["miou"], oof_miou_nested=s["miou"], pixel_acc=s["pixel_acc"],
                                                per_class_iou=s["per_class_iou"]), board)
 
 
-def format_table(record: dict[str, Any]) -> str:
+def format_table(record: BlendRecord) -> str:
     """The final report: members, blend in-sample and nested, local test score, weights, timings."""
-    names = record["members"]
-    blend_label = f"blend ({method_label(record['method'], record.get('per_class', False))})"
+    names = record.members
+    blend_label = f"blend ({method_label(record.method, record.per_class)})"
     width = max(16, len(blend_label) + 1, *(len(n) + 2 for n in names))
     rows = [f"{'model':<{width}} {'OOF mIoU':>8}   {'pixel acc':>9}"]
-    rows += [f"{n:<{width}} {s['miou']:>8.4f}   {s['pixel_acc']:>9.4f}" for n, s in record["member_scores"].items()]
-    if record.get("global"):  # the global blend a per-class fit started from
-        g = record["global"]
+    rows += [f"{n:<{width}} {s['miou']:>8.4f}   {s['pixel_acc']:>9.4f}" for n, s in record.member_scores.items()]
+    if record.global_:  # the global blend a per-class fit started from
+        g = record.global_
         w = " ".join(f"{wi:.3f}" for wi in g["weights"])
         rows.append(f"{'blend (global)':<{width}} {g['oof']['miou']:>8.4f}   {g['oof']['pixel_acc']:>9.4f}   "
                     f"in-sample, one weight per model ({w})")
         rows.append(f"{'global (nested)':<{width}} {g['nested']['miou']:>8.4f}   {g['nested']['pixel_acc']:>9.4f}"
-                    f"   nested CV, {record['folds']} folds")
-    chosen = _chosen_label(record["chosen"], names)
-    rows.append(f"{blend_label:<{width}} {record['oof']['miou']:>8.4f}   "
-                f"{record['oof']['pixel_acc']:>9.4f}   in-sample (chosen: {chosen})")
-    rows.append(f"{'blend (nested)':<{width}} {record['nested']['miou']:>8.4f}   {record['nested']['pixel_acc']:>9.4f}"
-                f"   nested CV, {record['folds']} folds")
-    if record["test"] is not None:
-        t = record["test"]
+                    f"   nested CV, {record.folds} folds")
+    chosen = _chosen_label(record.chosen, names)
+    rows.append(f"{blend_label:<{width}} {record.oof['miou']:>8.4f}   "
+                f"{record.oof['pixel_acc']:>9.4f}   in-sample (chosen: {chosen})")
+    rows.append(f"{'blend (nested)':<{width}} {record.nested['miou']:>8.4f}   {record.nested['pixel_acc']:>9.4f}"
+                f"   nested CV, {record.folds} folds")
+    if record.test is not None:
+        t = record.test
         rows.append(f"{'test (local)':<{width}} {t['miou']:>8.4f}   {t['pixel_acc']:>9.4f}   {t['source']}")
         rows += [f"{'  ' + n + ' alone':<{width}} {s['miou']:>8.4f}   {s['pixel_acc']:>9.4f}   the same test images"
                  for n, s in t.get("members", {}).items()]
-    temps = " ".join(f"{n}={t:.2f}" for n, t in zip(names, record["temperatures"]))
-    if np.ndim(record["weights"]) == 2:  # per class: one line per member
-        rows.append("weights per class: " + " ".join(f"{c[:5]:>5}" for c in record["classes"]))
-        rows += [f"  {n:<{width - 2}} " + " ".join(f"{v:>5.2f}" for v in w) for n, w in zip(names, record["weights"])]
+    temps = " ".join(f"{n}={t:.2f}" for n, t in zip(names, record.temperatures))
+    if np.ndim(record.weights) == 2:  # per class: one line per member
+        rows.append("weights per class: " + " ".join(f"{c[:5]:>5}" for c in record.classes))
+        rows += [f"  {n:<{width - 2}} " + " ".join(f"{v:>5.2f}" for v in w) for n, w in zip(names, record.weights)]
         weights = "per class (above)"
     else:
-        weights = " ".join(f"{n}={w:.3f}" for n, w in zip(names, record["weights"]))
-    opt = record["candidates_sample"]["optimiser"]
-    start = record["start_miou_sample"]
-    if record["method"] == "uniform":
+        weights = " ".join(f"{n}={w:.3f}" for n, w in zip(names, record.weights))
+    opt = record.candidates_sample["optimiser"]
+    start = record.start_miou_sample
+    if record.method == "uniform":
         moved = "n/a (uniform weights, nothing optimised)"
-    elif record["moved"]:
+    elif record.moved:
         moved = f"yes (start {start:.4f} -> {opt:.4f} on the sample)"
     else:
         moved = f"NO: it ended where it started ({start:.4f} on the sample)"
     rows.append(f"weights  {weights}   temperatures {temps}   optimiser moved: {moved}")
-    rows.append("timings  " + ", ".join(f"{k} {v:.1f} s" for k, v in record["timings_s"].items()))
-    where = Path(record["submission"])
-    rows.append(f"{'wrote' if record['written'] else 'dry run, nothing written:'} {where}, "
-                f"{where.with_suffix('.json').name}, plots/{record['name']}_*.png, leaderboard.csv")
+    rows.append("timings  " + ", ".join(f"{k} {v:.1f} s" for k, v in record.timings_s.items()))
+    where = Path(record.submission)
+    rows.append(f"{'wrote' if record.written else 'dry run, nothing written:'} {where}, "
+                f"{where.with_suffix('.json').name}, plots/{record.name}_*.png, leaderboard.csv")
     return "\n".join(rows)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from ensemble.record import read_blend_record
 from foldwise.io import sha256_file
 from kfold.config import Recipe, from_dict, load_recipe, to_dict
 from kfold.store.read import open_experiment
@@ -54,36 +55,23 @@ class BlendBundle:
         return dataclasses.replace(self, members=tuple(members))
 
 
-def read_blend_record(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: blend record not found (ensemble/blend.py writes submissions/NAME.json)")
-    try:
-        record = json.loads(path.read_text())
-    except ValueError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    missing = [k for k in ("members", "weights", "temperatures", "classes") if k not in record]
-    if missing:
-        raise ValueError(f"{path}: no key {missing[0]!r}; is this a blend record?")
-    return record
-
-
 def open_from_runs(record_path: Path, runs_dir: Path) -> BlendBundle:
     """The blend of ``submissions/NAME.json`` with its members' fold models under ``runs_dir``."""
     record = read_blend_record(Path(record_path))
     members = []
-    for name in record["members"]:
+    for name in record.members:
         store = open_experiment(runs_dir, name)
         files = tuple(fa.path / "model.safetensors" for fa in store.fold_arrays)
         missing = next((f for f in files if not f.is_file()), None)
         if missing is not None:
-            raise FileNotFoundError(f"{missing}: fold weights not found (needed by blend {record.get('name')!r})")
+            raise FileNotFoundError(f"{missing}: fold weights not found (needed by blend {record.name!r})")
         recipe = load_recipe(store.fold_arrays[0].path / "config.yaml")
         members.append(MemberBundle(name, recipe, files, tuple(store.store_size)))
         image_size, folds_sha256 = tuple(store.image_size), store.folds_sha256
-    return BlendBundle(str(record.get("name", Path(record_path).stem)), tuple(record["classes"]), image_size,
-                       np.asarray(record["weights"], dtype=np.float64),
-                       np.asarray(record["temperatures"], dtype=np.float64), tuple(members),
-                       record.get("class_map"), folds_sha256)
+    return BlendBundle(record.name, tuple(record.classes), image_size,
+                       np.asarray(record.weights, dtype=np.float64),
+                       np.asarray(record.temperatures, dtype=np.float64), tuple(members),
+                       record.class_map, folds_sha256)
 
 
 def open_export(folder: Path) -> BlendBundle:

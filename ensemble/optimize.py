@@ -197,7 +197,7 @@ def _fit_slsqp(
     for i in range(m):
         column_sums[np.arange(k), i * k + np.arange(k)] = 1.0
     cons = [{"type": "eq", "fun": lambda x: column_sums @ x - 1.0, "jac": lambda x: column_sums}]
-    # float64 autograd costs ~20x a true-mIoU evaluation per pixel: the surrogate only needs to find the
+    # float64 autograd costs far more than a true-mIoU evaluation per pixel: the surrogate only needs to find the
     # basin, so it sees a uniform subsample (weights stay unbiased); the polish uses every sample pixel.
     n = len(ev.labels)
     sub = torch.from_numpy(np.sort(rng.choice(n, surrogate_pixels, replace=False))) if n > surrogate_pixels else None
@@ -303,8 +303,7 @@ def _fit_slsqp_method(ev: Evaluator, model_probs, labels, sample_weight, opts: B
     if opts.per_class:
         extra["global"] = (weights, temps)
         # From the global optimum one SLSQP run at the final sharpness does as well as the whole
-        # continuation (demo blend: 0.2211 in-sample, 0.2149 nested vs 0.2211, 0.2146; fit + nested
-        # 65 s vs 97 s).
+        # continuation, at a fraction of its cost (tried on the demo blend).
         w0 = np.repeat(weights[:, None], num_classes, axis=1)
         weights, temps, msg_c = _fit_slsqp(ev, w0, np.log(temps), opts.fit_temperature,
                                            opts.max_polish_evals * num_classes, opts.sharpness[-1:],
@@ -361,8 +360,8 @@ def fit_blend(model_probs: Sequence[np.ndarray], labels: np.ndarray, sample_weig
 
 @contextlib.contextmanager
 def _torch_threads(n: int | None) -> Iterator[None]:
-    # Each op here touches only a few MB: threads gain little, and on a busy 2-core machine OpenMP barriers
-    # waiting for descheduled threads made a fit 10x slower (measured: 4.5 s with 2 threads vs 0.3 s with 1).
+    # Each op here touches little memory: threads gain little, and on a busy machine OpenMP barriers waiting
+    # for descheduled threads make a fit many times slower than on one thread.
     old = torch.get_num_threads()
     if n is not None:
         torch.set_num_threads(n)

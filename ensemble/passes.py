@@ -5,7 +5,7 @@ score is not kept beside its store (``kfold.store.scores``) are scored from the 
 pool the images are split into parts, a few in flight at a time (bounded memory); a worker opens the stores
 itself (memory maps are not sent between processes) and sends back confusion matrices or uint8 class maps.
 Processes, not torch threads: the upsampling and the argmax are memory-bound, and a second intra-op thread
-gained nothing on 2 cores (measured).
+gains nothing on top of a process per core (``bench/bench_blend_size.py``).
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ Blends = Mapping[str, Mapping[int, Params]]  # name -> {fold: (weights, temperat
 @functools.lru_cache(maxsize=4)
 def _reopen(runs_dir: str, names: tuple[str, ...], root: str) -> Members:
     """The members, opened once per worker process, which then runs torch on one thread: with one process
-    per core, a second OpenMP thread each oversubscribes the cores (measured at NYUv2 size on 2 cores, two
-    workers: the test pass took 211 s with torch's default 2 threads per worker, 55 s with one)."""
+    per core, a second OpenMP thread each oversubscribes the cores."""
     torch.set_num_threads(1)
     return open_members(runs_dir, list(names), root)[0]
 
@@ -72,11 +71,10 @@ def warm_page_cache(paths: Sequence[Path], also_cached: int = 0, keep_free: int 
     """Read ``paths`` once in a background thread while the block runs, so that a pass over them finds them in
     the page cache rather than waiting on the disk; yields the bytes it set out to read (0: skipped).
 
-    A pass that faults a memory map in page by page waits on the disk, then computes, in turn. At NYUv2 size
-    the blend's test pass read 10 GB of test stores cold (~0.35 GB/s) and took 40.8 s; read during the OOF
-    pass, which uses the CPUs and not the disk, they took it to 20.9 s. The OOF stores are read ahead of the
-    sample pass likewise. The files are read
-    round-robin, block by block, in about the row order a pass reads them. Skipped when the files,
+    A pass that faults a memory map in page by page waits on the disk, then computes, in turn; read during
+    the OOF pass, which uses the CPUs and not the disk, the test stores are cached by the time the test pass
+    needs them (``bench/bench_blend_size.py``). The OOF stores are read ahead of the sample pass likewise.
+    The files are read round-robin, block by block, in about the row order a pass reads them. Skipped when the files,
     ``also_cached`` bytes that must stay cached beside them (the OOF stores the running pass reads) and
     ``keep_free`` bytes of heap would not fit in the available memory: evicting pages a pass still needs
     costs more than it saves. The thread stops when the block ends.
@@ -111,10 +109,9 @@ def warm_page_cache(paths: Sequence[Path], also_cached: int = 0, keep_free: int 
 def release_freed_heap() -> None:
     """Hand memory freed by this process back to the OS (glibc's ``malloc_trim``; elsewhere nothing).
 
-    glibc keeps freed blocks below its mmap threshold (which grows to 32 MB as large blocks are freed) in the
-    heap, and a pass over a store frees thousands of 16 MB chunk arrays: after the blend's sample pass its
-    process held 1.07 GB of anonymous memory, 0.49 GB after a trim (NYUv2-sized, measured), while the fits'
-    workers, started next, need theirs.
+    glibc keeps freed blocks below its mmap threshold (which grows as large blocks are freed) in the heap, and
+    a pass over a store frees thousands of chunk arrays: without a trim the blend's process keeps that memory
+    while the fits' workers, started next, need theirs (peak heap in ``bench/bench_blend_size.py``).
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)

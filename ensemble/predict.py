@@ -27,14 +27,14 @@ from tqdm import tqdm
 from ensemble.bundle import BlendBundle, MemberBundle, open_export, open_from_runs
 from ensemble.stores import blend_grid, blend_on_grid, to_grid
 from foldwise.cli import ArgumentParser, run_entry_point
+from foldwise.figures import class_colours
 from foldwise.io import atomic_path, write_png
 from kfold.data.dataset import model_input
 from kfold.data.layout import DataError, read_depth, read_rgb
 from kfold.data.transforms import EvalTransform
-from kfold.models import load_weights, model_from_recipe
+from kfold.models import amp_dtype, load_weights, model_from_recipe
 from kfold.store.read import full_res_argmax, mean_of_folds
 from kfold.store.write import autocast_forward, predict_rows, tta_config
-from kfold.train import amp_dtype
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -88,14 +88,6 @@ def predict_masks(members: list[LoadedMember], blend: BlendBundle, images: Seque
     return full_res_argmax(blended, blend.image_size).numpy(), blended  # the steps of ensemble.stores.blend_argmax
 
 
-def palette(num_classes: int) -> np.ndarray:
-    """(C + 1, 3) uint8 colours: one per class, black for ignore."""
-    from matplotlib import colormaps
-
-    colours = (np.asarray(colormaps["tab20"](np.arange(num_classes) % 20))[:, :3] * 255).astype(np.uint8)
-    return np.vstack([colours, np.zeros((1, 3), np.uint8)])
-
-
 def _read_one(path: Path, depths_dir: Path | None, needs_depth: bool, size: tuple[int, int]
               ) -> tuple[np.ndarray, np.ndarray | None]:
     image = read_rgb(path)
@@ -139,7 +131,7 @@ def predict_folder(blend: BlendBundle, images_dir: Path, out: Path, depths_dir: 
     members = load_models(blend, dev)
     needs_depth = any(m.bundle.recipe.data.in_channels == 4 for m in members)
     batch = batch or max(m.bundle.recipe.oof.batch_size for m in members)
-    colours = palette(len(blend.classes)) if color else None
+    colours = class_colours(len(blend.classes)) if color else None
     out.mkdir(parents=True, exist_ok=True)
     written, problems, start = 0, [], time.perf_counter()
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not sys.stderr.isatty())

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kfold.argmax import class_argmax
 from kfold.metrics import mean_iou
-from tta.argmax import class_argmax
 from tta.functional import log_probs, tempered_from_log
 
 T_BOUNDS = (0.5, 2.0)
@@ -91,9 +91,8 @@ class Evaluator:
             raise ValueError(f"sample_weight must be ({n},) and > 0, got shape {np.shape(sample_weight)}")
         if n == 0 or labels.min() < 0 or labels.max() >= num_classes:
             raise ValueError(f"labels must be a non-empty (P,) array in [0, {num_classes})")
-        # Held class-major (C, P): torch's softmax over a short last axis is ~14x slower on CPU (measured on
-        # (300k, 13) float32: 70 ms, against 4.9 ms over the leading axis of (13, 300k)); the argmax is then
-        # class_argmax's (a numba kernel; torch's over the last axis of (300k, 13) took 15 ms, over the first 44 ms).
+        # Held class-major (C, P): torch's softmax over a short last axis is slow on CPU, over the leading axis
+        # it is not; the argmax over classes is then class_argmax's (a numba kernel, bench/bench_argmax.py).
         self.probs = [torch.from_numpy(np.ascontiguousarray(np.asarray(p, dtype=np.float32).T)) for p in model_probs]
         # A search re-tempers the same probabilities at many temperatures: one log each, not one per temperature.
         self._log_probs = [log_probs(p) for p in self.probs]

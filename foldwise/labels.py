@@ -41,7 +41,7 @@ def read_label(path: str | os.PathLike | BinaryIO, num_classes: int, error: type
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise error(f"{path}: unreadable or truncated PNG ({e})") from None
         label = np.asarray(img).astype(np.uint8, copy=False)
-    # max() and a mask are ~10x cheaper than bincount on uint8; the values are listed only on failure.
+    # max() and a mask are cheaper than bincount on uint8; the values are listed only on failure.
     if label.max(initial=0) >= num_classes:
         invalid = (label >= num_classes) & (label != IGNORE_INDEX)
         if invalid.any():

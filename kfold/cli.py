@@ -95,11 +95,11 @@ def run_fold(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[str, int],
              dist: DistInfo, notes: list[str]) -> None:
     """Train (unless ``--predict-only``) and predict one fold; ``notes`` go to its log first."""
     from kfold.distributed import barrier
-    from kfold.models import load_weights, model_from_recipe
+    from kfold.models import amp_dtype, load_weights, model_from_recipe
     from kfold.plots import plot_curves
     from kfold.splits import folds_sha256
     from kfold.store.write import format_final_table, predict_fold
-    from kfold.train import amp_dtype, fit_fold
+    from kfold.train import fit_fold
 
     run_dir = fold_dir(args.out, recipe.name, fold)
     train_ids = [i for i in root.train_ids if fold_of[i] != fold]

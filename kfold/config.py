@@ -12,9 +12,15 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+# Choice keys: their Literal types are the one statement of what each accepts (see choices()).
+Arch = Literal["fpn", "deeplabv3plus"]
+DepthLoss = Literal["l1", "berhu", "none"]
+DepthTarget = Literal["sensor", "teacher", "hybrid"]
+Weighting = Literal["fixed", "kendall"]
 
 
 class ConfigError(ValueError):
@@ -24,7 +30,7 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     root: str = "data/synthetic"
-    in_channels: int = 3  # 4 = RGB + normalised inverse depth
+    in_channels: Literal[3, 4] = 3  # 4 = RGB + normalised inverse depth
     input_size: tuple[int, int] = (720, 960)  # (H, W) the image is resized to
     crop_size: tuple[int, int] = (576, 768)  # random training crop of the resized image
     hflip: float = 0.5
@@ -42,7 +48,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "fpn"  # fpn | deeplabv3plus
+    arch: Arch = "fpn"
     encoder: str = "tu-convnext_base"  # any smp encoder or timm encoder as "tu-<name>"
     encoder_weights: str | None = "imagenet"
     decoder_channels: int = 256  # FPN pyramid (segmentation branch: half) or DeepLabV3+ decoder width
@@ -57,18 +63,20 @@ class LossConfig:
     boundary_weight: float = 1.0  # > 1 = boundary-aware CE
     boundary_width: int = 1
     ohem_fraction: float | None = None  # hard pixel mining: keep this top fraction of pixel losses
-    depth_loss: str = "l1"  # l1 | berhu | none
-    berhu_threshold: str = "max_fraction"  # max_fraction: c = berhu_c x max residual; percentile: c = quantile
+    depth_loss: DepthLoss = "l1"
+    # max_fraction: c = berhu_c x max residual; percentile: c = the berhu_c quantile of the residuals
+    berhu_threshold: Literal["max_fraction", "percentile"] = "max_fraction"
     berhu_c: float | None = None  # None = the reading's usual value: 0.2 (max_fraction) or 0.8 (percentile)
-    depth_target: str = "sensor"  # sensor | teacher (train/teacher_depths) | hybrid (teacher, else sensor)
+    # teacher: train/teacher_depths; hybrid: the teacher where the sensor has no reading
+    depth_target: DepthTarget = "sensor"
     depth_weight: float = 0.1
-    weighting: str = "fixed"  # fixed | kendall
+    weighting: Weighting = "fixed"
     smoothness_weight: float = 0.0
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | sgd
+    name: Literal["adamw", "sgd"] = "adamw"
     lr: float = 1e-4
     weight_decay: float = 1e-4
     momentum: float = 0.9
@@ -79,7 +87,8 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    unit: str = "epochs"  # epochs | iterations (long runs: schedule, evaluation and checkpoints in iterations)
+    # iterations: long runs, whose schedule, evaluation and checkpoints count optimiser steps
+    unit: Literal["epochs", "iterations"] = "epochs"
     epochs: int = 50
     warmup_epochs: int = 0
     iterations: int = 0  # unit iterations: optimiser steps in all
@@ -91,10 +100,10 @@ class ScheduleConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 4
-    amp: str = "auto"  # auto (bf16 where supported, else fp16 on GPU, fp32 on CPU) | bf16 | fp16 | off
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 where supported, else fp16; fp32 on CPU
     ema_decay: float = 0.999
     ema_warmup: bool = False
-    select: str = "last"  # last | best: which EMA epoch becomes model.safetensors
+    select: Literal["last", "best"] = "last"  # which EMA epoch becomes model.safetensors
     seed: int = 42
     max_steps_per_epoch: int | None = None
     deterministic: bool = False
@@ -103,7 +112,7 @@ class TrainConfig:
 
 
 @dataclass
-class TTAConfig:
+class TTARecipe:
     scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
     hflip: bool = True
     temperatures: tuple[float, ...] = (0.7, 0.8, 0.9, 1.0)  # the per-temperature OOF table
@@ -128,11 +137,20 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    tta: TTAConfig = field(default_factory=TTAConfig)
+    tta: TTARecipe = field(default_factory=TTARecipe)
     oof: OOFConfig = field(default_factory=OOFConfig)
 
 
-# Presets change only what makes a run CPU-sized; a recipe's own differences are applied on top of them.
+@dataclass(frozen=True)
+class Preset:
+    """What makes a run CPU-sized. ``values`` are set before the experiment's own keys; ``limits`` cap the keys
+    that set a run's length and size after them (min(recipe, limit)), so a recipe of 200 epochs of batch 16
+    stays a seconds-long smoke run."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    limits: dict[str, int] = field(default_factory=dict)
+
+
 _CPU_SIZED: dict[str, Any] = {
     "data.input_size": (64, 96),
     "data.crop_size": (64, 96),
@@ -140,33 +158,40 @@ _CPU_SIZED: dict[str, Any] = {
     "model.encoder": "resnet18",
     "model.encoder_weights": None,
     "model.decoder_channels": 64,
-    "train.batch_size": 4,  # the reference batch; 8 gave half the steps and 0.02-0.03 lower demo OOF mIoU
+    "train.batch_size": 4,  # the reference batch: a larger one halves the steps of a short demo run
     "tta.scales": (1.0,),
 }
-PRESETS: dict[str, dict[str, Any]] = {
-    "full": {},
-    "demo": {**_CPU_SIZED, "optim.lr": 3e-3, "schedule.epochs": 10, "schedule.warmup_epochs": 1,
-             "train.ema_decay": 0.9, "tta.max_batch": 32, "oof.batch_size": 16},
-    "smoke": {**_CPU_SIZED, "optim.lr": 1e-3, "schedule.epochs": 2, "train.ema_decay": 0.5,
-              "train.max_steps_per_epoch": 3, "tta.max_batch": 16, "oof.batch_size": 8},
-}
-
-
-# Upper limits a preset puts on a recipe after the experiment's own keys: a recipe of 200 epochs of batch 16
-# stays a seconds-long smoke run. Only keys that set the run's length and size; min(recipe, limit).
-PRESET_LIMITS: dict[str, dict[str, int]] = {
-    "full": {},
-    "demo": {"schedule.epochs": 10, "train.batch_size": 4, "optim.freeze_encoder_epochs": 2,
-             "schedule.iterations": 400, "schedule.warmup_iterations": 40, "train.eval_every": 40,
-             "train.checkpoint_every": 40},
-    "smoke": {"schedule.epochs": 2, "train.batch_size": 4, "optim.freeze_encoder_epochs": 1,
-              "schedule.iterations": 6, "schedule.warmup_iterations": 2, "train.eval_every": 3,
-              "train.checkpoint_every": 3},
+PRESETS: dict[str, Preset] = {
+    "full": Preset(),
+    "demo": Preset(
+        values={**_CPU_SIZED, "optim.lr": 3e-3, "schedule.epochs": 10, "schedule.warmup_epochs": 1,
+                "train.ema_decay": 0.9, "tta.max_batch": 32, "oof.batch_size": 16},
+        limits={"schedule.epochs": 10, "train.batch_size": 4, "optim.freeze_encoder_epochs": 2,
+                "schedule.iterations": 400, "schedule.warmup_iterations": 40, "train.eval_every": 40,
+                "train.checkpoint_every": 40}),
+    "smoke": Preset(
+        values={**_CPU_SIZED, "optim.lr": 1e-3, "schedule.epochs": 2, "train.ema_decay": 0.5,
+                "train.max_steps_per_epoch": 3, "tta.max_batch": 16, "oof.batch_size": 8},
+        limits={"schedule.epochs": 2, "train.batch_size": 4, "optim.freeze_encoder_epochs": 1,
+                "schedule.iterations": 6, "schedule.warmup_iterations": 2, "train.eval_every": 3,
+                "train.checkpoint_every": 3}),
 }
 
 
 def _field_types(obj: Any) -> dict[str, Any]:
     return typing.get_type_hints(type(obj))
+
+
+def choices() -> dict[str, tuple[Any, ...]]:
+    """``{dotted key: allowed values}`` of every key whose annotation is a ``Literal``: the one statement of them
+    that the type check, the validator, ``--help`` texts and error messages all read."""
+    recipe, found = Recipe(), {}
+    for section in dataclasses.fields(recipe):
+        value = getattr(recipe, section.name)
+        for name, hint in (_field_types(value) if dataclasses.is_dataclass(value) else {}).items():
+            if typing.get_origin(hint) is Literal:
+                found[f"{section.name}.{name}"] = typing.get_args(hint)
+    return found
 
 
 def all_keys(recipe: Recipe | None = None) -> list[str]:
@@ -185,6 +210,10 @@ def all_keys(recipe: Recipe | None = None) -> list[str]:
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check ``value`` (already parsed) against the annotation ``hint``; return it in the field's type."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -278,9 +307,9 @@ def build_recipe(base: dict[str, Any], preset: str = "full", opts: dict[str, Any
     """
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; presets are {', '.join(PRESETS)}")
-    recipe = apply_overrides(Recipe(), PRESETS[preset])
+    recipe = apply_overrides(Recipe(), PRESETS[preset].values)
     apply_overrides(recipe, base)
-    for key, limit in PRESET_LIMITS[preset].items():
+    for key, limit in PRESETS[preset].limits.items():
         section, name = key.split(".")
         setattr(getattr(recipe, section), name, min(getattr(getattr(recipe, section), name), limit))
     return apply_overrides(recipe, opts or {})

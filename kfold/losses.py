@@ -5,16 +5,19 @@ edge-aware depth smoothness, combined with fixed weights or Kendall uncertainty 
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kfold.config import DepthLoss, Weighting
+
 __all__ = ["SegDepthLoss", "berhu_loss", "edge_aware_smoothness", "l1_depth_loss", "label_boundaries"]
 
-DEPTH_LOSSES = ("l1", "berhu", "none")
-WEIGHTINGS = ("fixed", "kendall")
+DEPTH_LOSSES = typing.get_args(DepthLoss)
+WEIGHTINGS = typing.get_args(Weighting)
 LOG_SIGMA_RANGE = (-2.0, 2.0)
 
 

@@ -1,4 +1,4 @@
-"""Segmentation and depth metrics.
+"""Segmentation and depth metrics on tensors (the numpy confusion matrix and IoU are ``foldwise.metrics``').
 
 mIoU convention (docs/ARCHITECTURE.md): one confusion matrix over the whole dataset, pixels labelled
 ``ignore_index`` dropped, IoU per class, mean over the classes whose union is non-zero. Confusion
@@ -8,14 +8,11 @@ matrices can simply be summed (or ``all_reduce``-d).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from foldwise.metrics import iou_per_class, mean_iou, pixel_accuracy
-
-__all__ = ["DepthMeter", "confusion_matrix", "confusion_matrix_torch", "iou_per_class", "mean_iou", "pixel_accuracy"]
+from foldwise.metrics import check_label_pair, confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 
 __all__ = [
     "DepthMeter",
@@ -25,86 +22,6 @@ __all__ = [
     "mean_iou",
     "pixel_accuracy",
 ]
-
-
-def _check_pair(target_shape: tuple, pred_shape: tuple, num_classes: int, ignore_index: int) -> None:
-    if tuple(target_shape) != tuple(pred_shape):
-        raise ValueError(f"target shape {tuple(target_shape)} != pred shape {tuple(pred_shape)}")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if 0 <= ignore_index < num_classes:
-        raise ValueError(f"ignore_index {ignore_index} is a class id (num_classes {num_classes})")
-
-
-def _unsigned(a: np.ndarray) -> np.ndarray:
-    # Viewed as unsigned, negative values become huge, so one max() pass checks both bounds.
-    return a.view(a.dtype.str.replace("i", "u")) if a.dtype.kind == "i" else a
-
-
-def _first_outside(values: np.ndarray, num_classes: int) -> int:
-    bad = values[(values < 0) | (values >= num_classes)]
-    return int(bad.flat[0])
-
-
-def confusion_matrix(
-    target: np.ndarray, pred: np.ndarray, num_classes: int, ignore_index: int = 255
-) -> np.ndarray:
-    """Confusion matrix of integer label maps (rows = target, cols = prediction).
-
-    Args:
-        target: integer array of class ids in ``[0, num_classes)`` or ``ignore_index`` (any shape).
-        pred: integer array of predicted class ids in ``[0, num_classes)``, same shape as ``target``.
-        num_classes: number of classes C.
-        ignore_index: target value whose pixels are dropped.
-
-    Returns:
-        ``(C, C)`` int64 counts.
-    """
-    target = np.asarray(target)
-    pred = np.asarray(pred)
-    _check_pair(target.shape, pred.shape, num_classes, ignore_index)
-    for name, arr in (("target", target), ("pred", pred)):
-        if arr.dtype.kind not in "iu":
-            raise ValueError(f"{name} must be an integer array, got dtype {arr.dtype}")
-    C = num_classes
-    t = target.ravel()
-    p = pred.ravel()
-    if t.size == 0:
-        return np.zeros((C, C), dtype=np.int64)
-    # Predictions are checked everywhere: a prediction is never allowed to be off-range.
-    if int(_unsigned(p).max()) >= C:
-        raise ValueError(f"pred has value {_first_outside(p, C)} outside [0, {C})")
-    if C <= 127 and t.dtype != np.uint8 and int(_unsigned(t).max()) <= 255:
-        t = t.astype(np.uint8)
-    if t.dtype == np.uint8 and C <= 127:
-        return _confusion_uint8(t, p, C, ignore_index)
-
-    valid = t != ignore_index
-    if not valid.all():
-        t, p = t[valid], p[valid]
-    if t.size and (int(t.min()) < 0 or int(t.max()) >= C):
-        raise ValueError(
-            f"target has value {_first_outside(t, C)} outside [0, {C}) and != ignore_index {ignore_index}"
-        )
-    idx = t.astype(np.int64) * C + p.astype(np.int64)
-    return np.bincount(idx, minlength=C * C).reshape(C, C).astype(np.int64, copy=False)
-
-
-def _confusion_uint8(t: np.ndarray, p: np.ndarray, C: int, ignore_index: int) -> np.ndarray:
-    # No boolean masking: every target value v in [0, 256) gets its own row, so ignored and off-range
-    # pixels land in rows >= C and are sliced off (and off-range ones reported). Indices stay 16-bit
-    # (< 256 * C <= 32512) and are counted by torch.bincount, which reads int16 directly; np.bincount
-    # would first copy them to int64 (~3x slower on 50M pixels).
-    idx = np.multiply(t, np.uint16(C), dtype=np.uint16)
-    np.add(idx, p, out=idx, dtype=np.uint16, casting="unsafe")  # p is already checked to be in [0, C)
-    counts = torch.bincount(torch.from_numpy(idx.view(np.int16)), minlength=256 * C).numpy()
-    extra = counts[C * C :].reshape(256 - C, C).sum(axis=1)
-    for row in np.flatnonzero(extra):
-        if row + C != ignore_index:
-            raise ValueError(
-                f"target has value {row + C} outside [0, {C}) and != ignore_index {ignore_index}"
-            )
-    return counts[: C * C].reshape(C, C).astype(np.int64, copy=False)
 
 
 def confusion_matrix_torch(
@@ -121,7 +38,7 @@ def confusion_matrix_torch(
     Returns:
         ``(C, C)`` int64 tensor on the input device (ready for ``dist.all_reduce``).
     """
-    _check_pair(tuple(target.shape), tuple(pred.shape), num_classes, ignore_index)
+    check_label_pair(tuple(target.shape), tuple(pred.shape), num_classes, ignore_index)
     for name, ten in (("target", target), ("pred", pred)):
         if ten.dtype.is_floating_point or ten.dtype.is_complex or ten.dtype == torch.bool:
             raise ValueError(f"{name} must be an integer tensor, got dtype {ten.dtype}")

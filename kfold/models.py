@@ -16,6 +16,15 @@ ARCHS = {"fpn": smp.FPN, "deeplabv3plus": smp.DeepLabV3Plus}
 INITIAL_DEPTH_M = 3.0  # the depth head starts near a typical indoor distance
 
 
+def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: None (fp32) on CPU or when off; bf16 where the GPU supports it, else fp16."""
+    if device.type != "cuda" or setting == "off":
+        return None
+    if setting == "fp16" or (setting == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
 class SegDepthNet(nn.Module):
     """An smp segmentation model whose decoder also feeds a 1-channel depth head (metres, >= 0).
 

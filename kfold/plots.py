@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from foldwise.figures import save_figure  # noqa: E402
+from foldwise.figures import class_colours, save_figure  # noqa: E402
 from kfold.data.layout import IGNORE_INDEX, DataRoot, read_depth, read_rgb  # noqa: E402
 from kfold.store.read import ExperimentStore, full_res_argmax  # noqa: E402
 
@@ -35,13 +35,6 @@ def plot_curves(metrics_csv: Path, path: Path) -> None:
     axes[2].legend(fontsize=8)
     fig.suptitle(f"{metrics_csv.parent.parent.name} / {metrics_csv.parent.name}", y=1.03)
     save_figure(fig, path)
-
-
-def class_colours(num_classes: int) -> np.ndarray:
-    """(num_classes + 1, 3) uint8 colours; the last one (black) is for ignored pixels."""
-    cmap = plt.get_cmap("tab20", max(num_classes, 1))
-    colours = (np.array([cmap(i)[:3] for i in range(num_classes)]) * 255).astype(np.uint8)
-    return np.vstack([colours, np.zeros((1, 3), np.uint8)])
 
 
 def plot_qualitative(store: ExperimentStore, root: DataRoot, path: Path, n_images: int = 4) -> None:

@@ -34,8 +34,9 @@ from kfold.data.transforms import EvalTransform, TrainTransform, derived_seed
 from kfold.distributed import DistInfo, all_reduce_sum, broadcast_buffers
 from kfold.losses import SegDepthLoss
 from kfold.metrics import DepthMeter, confusion_matrix_torch, iou_per_class, mean_iou, pixel_accuracy
-from kfold.models import model_from_recipe
+from kfold.models import amp_dtype, model_from_recipe
 from kfold.weights import init_from, write_init_report
+from tta import split_output
 
 log = logging.getLogger("kfold")
 MAX_SKIPPED_STEPS = 20  # fp16 steps with a non-finite loss that one epoch may drop before the run stops
@@ -81,8 +82,8 @@ def build_optimizer(model: nn.Module, loss_fn: nn.Module, recipe: Recipe) -> tor
     rest = [p for p in model.parameters() if id(p) not in encoder_ids] + list(loss_fn.parameters())
     groups = [{"params": list(model.encoder.parameters()), "lr": cfg.lr * cfg.encoder_lr_scale, "name": "encoder"},
               {"params": rest, "lr": cfg.lr, "name": "decoder"}]
-    # Fused kernels do the whole update in one pass. On one CPU thread the demo model's (resnet18 FPN, 11M
-    # parameters) foreach AdamW step took 82 ms of a 0.21 s training step, the fused one 19 ms.
+    # Fused kernels do the whole update in one pass instead of one kernel per tensor list; on CPU the
+    # foreach step is a large share of a small model's training step (bench/bench_train_loop.py).
     fused = all(p.device.type in ("cpu", "cuda") for group in groups for p in group["params"])
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
@@ -98,19 +99,6 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, warmup_ratio: 
         return warmup_ratio + (1.0 - warmup_ratio) * step / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: None (fp32) on CPU or when off; bf16 where the GPU supports it, else fp16."""
-    if device.type != "cuda" or setting == "off":
-        return None
-    if setting == "fp16" or (setting == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
-
-
-def split_outputs(outputs: torch.Tensor | tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return (outputs[0], outputs[1]) if isinstance(outputs, tuple) else (outputs, None)
 
 
 @dataclass
@@ -168,7 +156,7 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: tor
     for batch in bar:
         image, label = batch["image"].to(device), batch["label"].to(device)
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            seg, depth = split_outputs(model(image))
+            seg, depth = split_output(model(image))
         seg = nn.functional.interpolate(seg.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
         cm += confusion_matrix_torch(label, seg.argmax(1), num_classes)
         if depth is not None:
@@ -201,7 +189,7 @@ def train_steps(model: nn.Module, train_model: nn.Module, ema: ModelEmaV3, loss_
             break
         image, label, depth = (batch[k].to(device, non_blocking=True) for k in ("image", "label", "depth"))
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            seg, depth_pred = split_outputs(train_model(image))
+            seg, depth_pred = split_output(train_model(image))
         loss, parts = loss_fn(seg.float(), None if depth_pred is None else depth_pred.float(), label, depth, image)
         if not torch.isfinite(loss):
             if scaler is None or skipped >= MAX_SKIPPED_STEPS:

@@ -12,24 +12,13 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from kfold.config import ConfigError, Recipe
+from kfold.config import ConfigError, Recipe, choices
 
 if TYPE_CHECKING:
     from kfold.data.layout import DataRoot
 
-# The names each choice key accepts; the modules that act on them (models, losses, train) use the same lists.
-CHOICES: dict[str, tuple[Any, ...]] = {
-    "data.in_channels": (3, 4),
-    "model.arch": ("fpn", "deeplabv3plus"),
-    "loss.depth_loss": ("l1", "berhu", "none"),
-    "loss.weighting": ("fixed", "kendall"),
-    "loss.berhu_threshold": ("max_fraction", "percentile"),
-    "loss.depth_target": ("sensor", "teacher", "hybrid"),
-    "optim.name": ("adamw", "sgd"),
-    "schedule.unit": ("epochs", "iterations"),
-    "train.amp": ("auto", "bf16", "fp16", "off"),
-    "train.select": ("last", "best"),
-}
+# The values each choice key accepts: the recipe's Literal annotations (kfold.config.choices).
+CHOICES: dict[str, tuple[Any, ...]] = choices()
 
 
 def _at_least(low: float) -> Callable[[float], str | None]:

@@ -78,7 +78,7 @@ def score_submission(
         if lut is not None:
             label = lut[label]
         pred = decode_image(groups[image_id], label.shape, num_classes, order, str(csv_path), image_id)
-        cm += confusion_matrix(label, pred, num_classes)
+        cm += confusion_matrix(label, pred, num_classes, none_column=True)
     return {
         "miou": mean_iou(cm),
         "pixel_acc": pixel_accuracy(cm),

@@ -3,8 +3,10 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
+from kfold.argmax import upsampled_argmax
 from kfold.metrics import (
     DepthMeter,
     confusion_matrix,
@@ -206,3 +208,24 @@ def test_depth_meter_nonpositive_prediction_is_not_accurate():
 def test_depth_meter_rejects_bad_shapes():
     with pytest.raises(ValueError, match="depth pred shape"):
         DepthMeter().update(torch.zeros(2, 3, 4, 4), torch.ones(2, 1, 4, 4))
+
+
+@pytest.mark.parametrize(("small", "size"), [((24, 32), (48, 64)), ((13, 17), (40, 33)), ((30, 40), (12, 16)),
+                                             ((1, 5), (3, 9)), ((6, 8), (6, 8))])
+def test_upsampled_argmax_is_torchs_up_to_near_ties(small: tuple[int, int], size: tuple[int, int]) -> None:
+    """The fused kernel's class map is torch's (interpolate, then argmax) except where two classes of the
+    float64 upsampling are within float32 rounding; exact ties keep the first class, as torch."""
+    g = torch.Generator().manual_seed(sum(small) + sum(size))
+    probs = torch.rand(3, 13, *small, generator=g).softmax(1).half()
+    probs[0, 5] = probs[0, 2]  # classes 2 and 5 tied everywhere in image 0: 2 must win where they lead
+    got = upsampled_argmax(probs, size)
+    assert got.dtype == torch.uint8 and got.shape == (3, *size)
+    exact = F.interpolate(probs.double(), size=size, mode="bilinear", align_corners=False)
+    top2 = exact.topk(2, dim=1).values
+    near_tie = (top2[:, 0] - top2[:, 1]) < 1e-6
+    assert (got.long() == exact.argmax(1))[~near_tie].all()
+    assert near_tie[1:].float().mean() < 0.01  # the comparison above covers nearly every untied pixel
+    leads = exact.argmax(1)[0]
+    assert not (got[0] == 5).any() and (got[0][leads == 2] == 2).all()
+    torch_map = F.interpolate(probs.float(), size=size, mode="bilinear", align_corners=False).argmax(1)
+    assert (got.long() != torch_map).float().mean() < 1e-3

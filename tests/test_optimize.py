@@ -301,7 +301,7 @@ def test_blend_probs_per_class_weights_match_by_hand():
 
 
 def test_class_argmax_is_torchs_argmax_ties_included():
-    from tta.argmax import class_argmax
+    from kfold.argmax import class_argmax
 
     x = torch.rand(3, C, 20, 30)
     x[:, 4] = x[:, 9]  # exact ties: the lower class wins, as in torch

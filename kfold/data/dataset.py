@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -9,9 +10,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from kfold.config import DepthTarget
 from kfold.data.layout import IGNORE_INDEX, SPLITS, DataError, DataRoot, read_depth, read_rgb
 
-DEPTH_TARGETS = ("sensor", "teacher", "hybrid")
+DEPTH_TARGETS = typing.get_args(DepthTarget)
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 

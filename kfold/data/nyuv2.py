@@ -2,8 +2,8 @@
 
 The .mat is MATLAB v7.3 (HDF5). MATLAB stores arrays column-major, so h5py sees every axis reversed:
 ``images`` is (N, 3, W, H), ``depths``/``labels`` are (N, W, H) and cell arrays such as ``scenes`` are
-datasets of object references to uint16 character arrays. Frames are read one at a time so the 2.8 GB
-file never sits in memory.
+datasets of object references to uint16 character arrays. Frames are read one at a time so the file (gigabytes)
+never sits in memory.
 
 Usage:
     python -m kfold.data.nyuv2 nyu_depth_v2_labeled.mat --out data/nyuv2 [--split standard|all-train]

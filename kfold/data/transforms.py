@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import os
 
-import albumentations as A
+# albumentations asks PyPI for a newer release at import time unless this is set; no run of ours should touch
+# the network, and this module is the one that imports it.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
 import cv2
 import numpy as np
 import torch

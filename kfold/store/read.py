@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from foldwise.classmap import ClassMap, class_map_from_record
+from kfold.argmax import upsampled_argmax
 from kfold.data.layout import DataError, DataRoot, open_root
 from kfold.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 from kfold.splits import FOLDS_FILE, folds_sha256, read_folds
@@ -38,16 +39,14 @@ from kfold.store.format import (
     read_ids,
 )
 from tta import apply_temperature
-from tta.argmax import upsampled_argmax
 
 _FAULTS = ("NaN or infinite", "negative", "> 1", "class sums away from 1")  # the order rows are judged in
 
 
 @numba.njit(nogil=True, cache=True)
 def _row_faults(probs: np.ndarray, prob_tol: float, sum_tol: float) -> np.ndarray:  # pragma: no cover - compiled
-    """(n, 4) bool: which of ``_FAULTS`` each row of probs (n, C, P) float32 shows, in one pass over it (numpy's
-    four passes and their temporaries took ~4 ms per chunk of 4 x 13 x 240x320; with the float16 widening
-    done by torch, reading 4 members' stores went from 15 to 9.5 ms per image).
+    """(n, 4) bool: which of ``_FAULTS`` each row of probs (n, C, P) float32 shows, in one pass over it (numpy
+    would need four passes and their temporaries; ``bench/bench_blend_size.py`` reads stores this way).
 
     Per-pixel running sums, minima and maxima (element-wise, so LLVM vectorises them); a NaN or infinity
     anywhere in a pixel leaves its class sum non-finite."""
@@ -71,7 +70,7 @@ def _row_faults(probs: np.ndarray, prob_tol: float, sum_tol: float) -> np.ndarra
 
 
 def _as_float32(block: np.ndarray) -> np.ndarray:
-    """float32 copy of a store block: torch widens float16 ~3x faster than numpy (vectorised)."""
+    """float32 copy of a store block: torch widens float16 with vectorised code, numpy element by element."""
     if block.dtype == np.float16:  # (a copy first where the block is a read-only memory map: torch writes)
         return torch.from_numpy(block if block.flags.writeable else np.array(block)).float().numpy()
     return np.array(block, dtype=np.float32)
@@ -428,7 +427,7 @@ def _class_map(name: str, manifest: StoreManifest) -> ClassMap | None:
 
 def full_res_argmax(probs: Tensor, size: tuple[int, int], temperature: float = 1.0, batch: int = 8) -> Tensor:
     """Class ids at full label resolution: bilinear upsampling of the probabilities, then argmax
-    (``tta.argmax.upsampled_argmax``: one fused pass, the same class maps in every process).
+    (``kfold.argmax.upsampled_argmax``: one fused pass, the same class maps in every process).
 
     Args:
         probs: (n, C, h, w) probabilities (any float dtype).

@@ -1,7 +1,7 @@
 """A store's own confusion matrices at label resolution, kept beside it in ``runs/<exp>/store_scores.json``.
 
-A store's score does not depend on what it is blended with, yet scoring each member at label resolution took
-about a third of a blend's passes over the images (NYUv2 size, 4 members: 146 s with, 99 s without). The
+A store's score does not depend on what it is blended with, yet scoring each member at label resolution is a
+large share of a blend's passes over the images (``bench/bench_blend_size.py`` runs a blend twice). The
 experiment report keeps them when the last fold completes; a blend keeps what is missing; both reuse them
 only while the stores (size and mtime of each fold's ``oof.npy``; the digests of the test stores), the data
 root, its class map and the image size are the ones they were computed from.

@@ -38,8 +38,8 @@ _PNG_OPTIONS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWR
 def _encode_png(array: np.ndarray) -> bytes:
     """PNG bytes of an RGB, label or 16-bit depth array.
 
-    OpenCV with one fixed row filter and zlib level 1: about 2x faster than Pillow's adaptive filters
-    on noisy RGB-D (PNG encoding is half the cost of an image), for 3% larger files.
+    OpenCV with one fixed row filter and zlib level 1: faster than Pillow's adaptive filters on noisy RGB-D
+    (PNG encoding is a large share of the cost of an image), for slightly larger files.
     """
     if array.ndim == 3:
         array = array[..., ::-1]  # OpenCV expects BGR
@@ -135,8 +135,8 @@ def _write_rooms(out: Path, n_train, n_test, size, seed, views_per_room, progres
 def _reuse_freed_memory() -> None:
     """Keep freed numpy temporaries in the heap instead of unmapping them (glibc only).
 
-    Every image allocates ~100 arrays of 0.3-1 MB; by default glibc maps and unmaps blocks that big, and
-    faulting fresh pages in again costs ~40% of the run time (measured in a VM). Called by the CLI only,
+    Every image allocates many arrays above glibc's mmap threshold; by default glibc maps and unmaps blocks
+    that big, and faulting fresh pages in again is a large share of the run time. Called by the CLI only,
     since it changes the allocator of the whole process.
     """
     try:

@@ -2,20 +2,17 @@
 
 Scoring a store at label resolution upsamples (n, C, h, w) probabilities and takes their argmax, and the
 blend's fit takes the argmax of class-major (C, P) samples. Torch is slow at both on CPU: its argmax over a
-non-innermost axis reads the classes with a stride, and its upsampling writes a 16 MB temporary per image
-that the argmax reads back. No library offers a faster one, hence two small numba kernels: a running max
-and index over the classes, branch-free so that LLVM vectorises it over pixels, and the same loop over
-rows upsampled on the fly (``bench/bench_argmax.py --quick``, one thread: 5.2 ms against torch's 195 ms for
-the argmax of 4 x 13 x 480x640, 18 ms against 243 ms for 4 float16 store images of 13 x 240x320 upsampled
-to 480x640 and argmaxed).
+non-innermost axis reads the classes with a stride, and its upsampling writes a full-resolution temporary per
+image that the argmax reads back. No library offers a faster one, hence two small numba kernels: a running
+max and index over the classes, branch-free so that LLVM vectorises it over pixels, and the same loop over
+rows upsampled on the fly (``bench/bench_argmax.py`` times both against torch).
 
 The upsampling is torch's bilinear formula (``align_corners=False``): each output is
 ``fma(t0, wy0, t1 * wy1)`` of the two width-interpolated rows ``t = fma(x0, wx0, x1 * wx1)``, with torch's
-source indices and weights. Torch's own CPU kernel rounds differently along different code paths (for
-3 x 240x320 -> 480x640, 35% of its values change when one thread is set before its first call; small images
-take yet other paths), so no result can equal all of them. This one is the same in every process; on the
-blend's shapes (13 x 240x320 -> 480x640) it equalled torch's values, and elsewhere its class maps differ
-from torch's only where two classes are within float rounding of each other.
+source indices and weights. Torch's own CPU kernel rounds differently along different code paths (for some
+shapes the result depends on the thread count set before its first call), so no result can equal all of
+them. This one is the same in every process; its class maps differ from torch's only where two classes are
+within float rounding of each other.
 """
 
 from __future__ import annotations

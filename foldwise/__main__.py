@@ -1,0 +1,5 @@
+import sys
+
+from foldwise.commands import main
+
+sys.exit(main())
