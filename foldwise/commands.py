@@ -74,8 +74,12 @@ def experiment_script(name: str, experiments_dir: Path = Path("experiments")) ->
         return path
     known = sorted(p.stem for p in experiments_dir.glob("*.py")) if experiments_dir.is_dir() else []
     close = difflib.get_close_matches(path.stem, known, n=1)
-    where = f"; did you mean {close[0]}?" if close else (f"; experiments are {', '.join(known)}" if known else
-                                                         f" (run from the repository root, where {experiments_dir}/ is)")
+    if close:
+        where = f"; did you mean {close[0]}?"
+    elif known:
+        where = f"; experiments are {', '.join(known)}"
+    else:
+        where = f" (run from the repository root, where {experiments_dir}/ is)"
     raise FileNotFoundError(f"{path}: no such experiment script{where}")
 
 
