@@ -42,7 +42,8 @@ def test_subcommand_help_is_the_modules_own(command: list[str]) -> None:
     proc = run(*command, "--help")
     assert proc.returncode == 0, proc.stderr
     own = {"status": "python -m kfold.status", "blend": "python ensemble/blend.py",
-           "score": "python -m submissions.score", "data": "python -m kfold.data.synthetic", "weights": "python -m kfold.weights convert",
+           "score": "python -m submissions.score", "data": "python -m kfold.data.synthetic",
+           "weights": "python -m kfold.weights convert",
            "train": "exp093_2.py"}[command[0]]
     assert proc.stdout.startswith(f"usage: {own}"), proc.stdout[:200]
 
