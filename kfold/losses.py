@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from kfold.config import DepthLoss, Weighting
 
-__all__ = ["SegDepthLoss", "berhu_loss", "edge_aware_smoothness", "l1_depth_loss", "label_boundaries"]
+__all__ = ["SegDepthLoss", "berhu_loss", "edge_aware_smoothness", "l1_depth_loss", "label_boundaries",
+           "parts_as_floats"]
 
 DEPTH_LOSSES = typing.get_args(DepthLoss)
 WEIGHTINGS = typing.get_args(Weighting)
@@ -245,7 +246,7 @@ class SegDepthLoss(nn.Module):
         label: Tensor,
         depth: Tensor | None = None,
         image: Tensor | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss and its parts.
 
         Args:
@@ -256,8 +257,8 @@ class SegDepthLoss(nn.Module):
             image: ``(B, 3+, H, W)`` network input; its first 3 channels drive the smoothness term.
 
         Returns:
-            ``(total, parts)``; parts holds python floats "ce", "depth", "smooth", "total" and, under
-            Kendall weighting, "sigma_seg" and "sigma_depth".
+            ``(total, parts)``; parts holds detached 0-d float32 tensors "ce", "depth", "smooth", "total" and,
+            under Kendall weighting, "sigma_seg" and "sigma_depth" (:func:`parts_as_floats` reads them).
         """
         self._check_inputs(seg_logits, depth_pred, label, depth, image)
         label = label.long()
@@ -289,10 +290,10 @@ class SegDepthLoss(nn.Module):
             total = ce + self.depth_weight * depth_term
         total = total + self.smoothness_weight * smooth
 
-        names = ["ce", "depth", "smooth", "total", *extra]
-        # One host sync for all the logged numbers.
-        values = torch.stack([ce, depth_term, smooth, total, *extra.values()]).detach().float().tolist()
-        return total, dict(zip(names, values))
+        # Tensors, not floats: reading a number off the GPU waits for it, and the training loop sums the parts
+        # on the device, reading them once every few steps.
+        parts = {"ce": ce, "depth": depth_term, "smooth": smooth, "total": total, **extra}
+        return total, {name: value.detach().float() for name, value in parts.items()}
 
     def _check_inputs(
         self,
@@ -323,3 +324,8 @@ class SegDepthLoss(nn.Module):
         if self.smoothness_weight > 0 and (image is None or image.dim() != 4 or image.shape[1] < 3):
             shape = None if image is None else tuple(image.shape)
             raise ValueError(f"image must be (B, 3+, H, W) when smoothness_weight > 0, got {shape}")
+
+
+def parts_as_floats(parts: dict[str, Tensor]) -> dict[str, float]:
+    """The loss parts as python floats, read off their device in one transfer."""
+    return dict(zip(parts, torch.stack(list(parts.values())).tolist()))

@@ -32,7 +32,7 @@ from kfold.data.shards import check_matches, read_index
 from kfold.data.stream import ShardStream
 from kfold.data.transforms import EvalTransform, TrainTransform, derived_seed
 from kfold.distributed import DistInfo, all_reduce_sum, broadcast_buffers
-from kfold.losses import SegDepthLoss
+from kfold.losses import SegDepthLoss, parts_as_floats
 from kfold.metrics import DepthMeter, confusion_matrix_torch, iou_per_class, mean_iou, pixel_accuracy
 from kfold.models import amp_dtype, model_from_recipe
 from kfold.weights import init_from, write_init_report
@@ -40,6 +40,7 @@ from tta import split_output
 
 log = logging.getLogger("kfold")
 MAX_SKIPPED_STEPS = 20  # fp16 steps with a non-finite loss that one epoch may drop before the run stops
+SYNC_EVERY = 16  # training steps between reads off the device (progress line, non-finite check)
 
 
 class SeededSamples(torch.utils.data.Dataset):
@@ -158,7 +159,7 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: tor
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             seg, depth = split_output(model(image))
         seg = nn.functional.interpolate(seg.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
-        cm += confusion_matrix_torch(label, seg.argmax(1), num_classes)
+        cm += confusion_matrix_torch(label, seg.argmax(1), num_classes, check=False)  # labels checked when read
         if depth is not None:
             depth_meter.update(depth.float(), batch["depth"].to(device))
         if not bar.disable:
@@ -177,11 +178,18 @@ def train_steps(model: nn.Module, train_model: nn.Module, ema: ModelEmaV3, loss_
                 batches: Iterable[dict], steps: int, recipe: Recipe, stretch: str, frozen: bool,
                 device: torch.device, autocast: torch.dtype | None, show: bool) -> dict[str, float]:
     """``steps`` optimiser steps on ``batches`` (an epoch's loader, or a stretch of the iteration stream);
-    returns the mean of each loss part. ``stretch`` names it in errors and the progress bar."""
+    returns the mean of each loss part. ``stretch`` names it in errors and the progress bar.
+
+    Nothing in a step reads a number off the device (each read waits for the GPU to drain): the loss parts
+    are summed where they are, and a non-finite loss is noted there too and checked every ``SYNC_EVERY``
+    steps and at the end, before any checkpoint is written. Under fp16 the gradient scaler reads its
+    overflow flag every step anyway, so there the loss is checked every step and a bad step is dropped.
+    """
     train_model.train()
     if frozen:
         model.encoder.eval()  # frozen means frozen: no BatchNorm statistics drift either
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
+    watch = NonFiniteWatch(device)
     start, seen, skipped = time.perf_counter(), 0, 0
     bar = tqdm(batches, total=steps, desc=stretch, leave=False, disable=None if show else True, dynamic_ncols=True)
     for step, batch in enumerate(bar):
@@ -191,14 +199,15 @@ def train_steps(model: nn.Module, train_model: nn.Module, ema: ModelEmaV3, loss_
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             seg, depth_pred = split_output(train_model(image))
         loss, parts = loss_fn(seg.float(), None if depth_pred is None else depth_pred.float(), label, depth, image)
-        if not torch.isfinite(loss):
-            if scaler is None or skipped >= MAX_SKIPPED_STEPS:
+        if scaler is not None and not torch.isfinite(loss):
+            if skipped >= MAX_SKIPPED_STEPS:
                 raise FloatingPointError(f"loss is {loss.item()} at {stretch}, step {step + 1}; "
                                          "the last good checkpoint is last.pt")
             # fp16: the scaler lowers its scale and the step is dropped; nothing else may advance either.
             skipped += 1
             scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
             continue
+        watch.note(loss.detach(), step)
         optimizer.zero_grad(set_to_none=True)
         (scaler.scale(loss) if scaler else loss).backward()
         if recipe.optim.grad_clip:
@@ -213,16 +222,42 @@ def train_steps(model: nn.Module, train_model: nn.Module, ema: ModelEmaV3, loss_
         scheduler.step()
         ema.update(model, step=scheduler.last_epoch)
         for key, value in parts.items():
-            sums[key] = sums.get(key, 0.0) + value
+            sums[key] = sums[key] + value if key in sums else value
         seen += image.shape[0]
-        bar.set_postfix(loss=f"{parts['total']:.3f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}",
-                        img_s=f"{seen / (time.perf_counter() - start):.1f}")
-    means = {f"train_{k}": v / max(1, steps - skipped) for k, v in sums.items()}
+        if (step + 1) % SYNC_EVERY == 0:
+            watch.check(stretch)
+            if not bar.disable:
+                bar.set_postfix(loss=f"{float(parts['total']):.3f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}",
+                                img_s=f"{seen / (time.perf_counter() - start):.1f}")
+    watch.check(stretch)
+    means = {f"train_{k}": v / max(1, steps - skipped) for k, v in parts_as_floats(sums).items()} if sums else {}
     means["skipped_steps"] = skipped
     means["images_per_s"] = seen / (time.perf_counter() - start)
     return means
 
 
+class NonFiniteWatch:
+    """Notes, on the device, the first step whose loss is not finite; :meth:`check` raises for it.
+
+    Args:
+        device: where the losses are.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.first_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.value = torch.zeros((), dtype=torch.float32, device=device)
+
+    def note(self, loss: torch.Tensor, step: int) -> None:
+        new = ~torch.isfinite(loss) & (self.first_step < 0)
+        self.first_step = torch.where(new, step, self.first_step)
+        self.value = torch.where(new, loss.float(), self.value)
+
+    def check(self, stretch: str) -> None:
+        """Raise FloatingPointError naming the stretch, step and value of the first non-finite loss, if any."""
+        first_step, value = int(self.first_step), float(self.value)  # the one read off the device
+        if first_step >= 0:
+            raise FloatingPointError(f"loss is {value} at {stretch}, step {first_step + 1}; "
+                                     "the last good checkpoint is last.pt")
 
 
 class EpochPlan:

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from faults.stores import Probs, write_store
 
 from ensemble.blend import main
-from foldwise.io import save_npy, write_json, write_text
+from foldwise.io import write_json
 from kfold.data.layout import open_root, read_label
 from kfold.data.synthetic import generate
 from kfold.metrics import confusion_matrix, mean_iou
-from kfold.splits import ensure_folds, folds_sha256, read_folds
-from kfold.store.format import StoreManifest
+from kfold.splits import ensure_folds, read_folds
 from submissions.leaderboard import read_leaderboard
 from submissions.score import score_submission
 from submissions.validate import read_submission, validate_submission
@@ -34,48 +34,28 @@ C = 13
 GOOD_A = set(range(7))
 
 
-def _fake_probs(labels: np.ndarray, good: set[int], peak_good: float, peak_bad: float, rng) -> np.ndarray:
-    """(n, C, h, w) probabilities peaked on the label (good classes) or on a wrong class fixed per image."""
-    n = labels.shape[0]
-    lab = np.where(labels == 255, 11, labels).astype(np.int64)
-    offset = rng.integers(1, C, size=(n, C))  # the wrong class of each (image, true class) region
-    wrong = (lab + np.take_along_axis(offset, lab.reshape(n, -1), 1).reshape(lab.shape)) % C
-    is_good = np.isin(lab, list(good))
-    target = np.where(is_good, lab, wrong)
-    peak = np.where(is_good, peak_good, peak_bad)[:, None]
-    onehot = np.moveaxis(np.eye(C)[target], -1, 1)
-    p = onehot * peak + (1 - onehot) * (1 - peak) / (C - 1)
-    p = p * np.exp(0.3 * rng.standard_normal(p.shape))
-    return (p / p.sum(axis=1, keepdims=True)).astype(np.float16)
+def blend_probs(good: set[int], peak_good: float, peak_bad: float) -> Probs:
+    """Probabilities peaked on the label (good classes) or on a wrong class fixed per image."""
+
+    def probs(labels: np.ndarray, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+        n = labels.shape[0]
+        lab = np.where(labels == 255, 11, labels).astype(np.int64)
+        offset = rng.integers(1, C, size=(n, C))  # the wrong class of each (image, true class) region
+        wrong = (lab + np.take_along_axis(offset, lab.reshape(n, -1), 1).reshape(lab.shape)) % C
+        is_good = np.isin(lab, list(good))
+        target = np.where(is_good, lab, wrong)
+        peak = np.where(is_good, peak_good, peak_bad)[:, None]
+        onehot = np.moveaxis(np.eye(C)[target], -1, 1)
+        p = onehot * peak + (1 - onehot) * (1 - peak) / (C - 1)
+        p = p * np.exp(0.3 * rng.standard_normal(p.shape))
+        return (p / p.sum(axis=1, keepdims=True)).astype(np.float16)
+
+    return probs
 
 
 def write_fake_experiment(runs: Path, name: str, root_path: Path, good: set[int], peaks: tuple[float, float],
                           seed: int, sha: str | None = None) -> None:
-    """One complete experiment store (every fold) as kfold.store.write writes it, at half resolution."""
-    root = open_root(root_path, verify=False)
-    folds, sha = read_folds(root), sha or folds_sha256(root)
-    k = max(folds.values()) + 1
-    (H, W), (h, w) = root.image_size, (root.image_size[0] // 2, root.image_size[1] // 2)
-    rows, cols = np.arange(h) * 2 + 1, np.arange(w) * 2 + 1
-
-    def small(split: str, ids) -> np.ndarray:
-        return np.stack([read_label(root.label_path(split, i), C)[rows[:, None], cols[None, :]] for i in ids])
-
-    for f in range(k):
-        rng = np.random.default_rng([seed, f])
-        d = runs / name / f"fold{f}"
-        val = sorted(i for i, g in folds.items() if g == f)
-        oof = _fake_probs(small("train", val), good, *peaks, rng)
-        test = _fake_probs(small("test", root.test_ids), good, *peaks, rng)
-        save_npy(d / "oof.npy", oof)
-        save_npy(d / "test.npy", test)
-        write_text(d / "oof_ids.txt", "".join(f"{i}\n" for i in val))
-        write_text(d / "test_ids.txt", "".join(f"{i}\n" for i in root.test_ids))
-        write_json(d / "manifest.json", StoreManifest.new(
-            experiment=name, fold=f, k_folds=k, n_train=len(folds), classes=root.classes, image_size=(H, W),
-            store_size=(h, w), oof_scale=0.5, n_oof=len(val), n_test=len(test),
-            tta={"scales": [1.0], "hflip": False, "temperature": 1.0}, temperatures=[1.0], folds_sha256=sha,
-            data_root=root.path).to_dict())
+    write_store(runs, name, root_path, seed=seed, probs=blend_probs(good, *peaks), folds_sha256_override=sha)
 
 
 @pytest.fixture(scope="module")

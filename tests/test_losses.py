@@ -4,7 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kfold.losses import SegDepthLoss, berhu_loss, edge_aware_smoothness, l1_depth_loss, label_boundaries
+from kfold.losses import (
+    SegDepthLoss,
+    berhu_loss,
+    edge_aware_smoothness,
+    l1_depth_loss,
+    label_boundaries,
+    parts_as_floats,
+)
 
 C = 5
 B, H, W = 2, 12, 16
@@ -26,6 +33,7 @@ def test_ce_matches_torch_and_parts():
     logits, depth_pred, label, depth, _ = _batch()
     loss = SegDepthLoss(C, depth_loss="none")
     total, parts = loss(logits, None, label, depth)
+    parts = parts_as_floats(parts)
     want = F.cross_entropy(logits, label, ignore_index=255)
     assert total.item() == pytest.approx(want.item(), rel=1e-6)
     assert set(parts) == {"ce", "depth", "smooth", "total"}
@@ -118,6 +126,7 @@ def test_depth_losses_match_manual_and_skip_missing(kind):
     assert fn(depth_pred, depth).item() == pytest.approx(manual(depth_pred, depth).item(), rel=1e-6)
     loss = SegDepthLoss(C, depth_loss=kind, depth_weight=0.1)
     total, parts = loss(logits, depth_pred, label, depth)
+    parts = parts_as_floats(parts)
     assert parts["depth"] == pytest.approx(manual(depth_pred, depth).item(), rel=1e-6)
     assert total.item() == pytest.approx(parts["ce"] + 0.1 * parts["depth"], rel=1e-6)
     # A huge error at a missing pixel changes nothing.
@@ -137,6 +146,7 @@ def test_depth_prediction_upsampled_to_target():
     logits, _, label, depth, _ = _batch(5)
     small = torch.rand(B, 1, H // 2, W // 2) + 1
     _, parts = SegDepthLoss(C)(logits, small, label, depth)
+    parts = parts_as_floats(parts)
     up = F.interpolate(small, size=(H, W), mode="bilinear", align_corners=False)
     assert parts["depth"] == pytest.approx(_manual_l1(up, depth).item(), rel=1e-6)
 
@@ -145,6 +155,7 @@ def test_no_valid_depth_and_no_labels_give_zero_not_nan():
     logits, depth_pred, label, depth, _ = _batch(6)
     loss = SegDepthLoss(C, depth_loss="berhu", boundary_weight=2.0, ohem_fraction=0.5)
     total, parts = loss(logits, depth_pred, torch.full_like(label, 255), torch.zeros_like(depth))
+    parts = parts_as_floats(parts)
     assert parts["ce"] == 0.0 and parts["depth"] == 0.0 and parts["total"] == 0.0
     assert total.grad_fn is not None
     total.backward()
@@ -158,6 +169,7 @@ def test_kendall_weighting_and_clamp():
         loss.log_sigma_seg.fill_(5.0)  # outside the range: acts as 2
         loss.log_sigma_depth.fill_(-0.5)
     total, parts = loss(logits, depth_pred, label, depth)
+    parts = parts_as_floats(parts)
     want = math.exp(-4) * parts["ce"] + 2 + 0.5 * math.exp(1.0) * parts["depth"] - 0.5
     assert total.item() == pytest.approx(want, rel=1e-5)
     assert parts["sigma_seg"] == pytest.approx(math.exp(2)) and parts["sigma_depth"] == pytest.approx(math.exp(-0.5))
@@ -185,6 +197,7 @@ def test_smoothness_in_total_at_prediction_resolution():
     small = (torch.rand(B, 1, H // 2, W // 2) + 1).requires_grad_()
     loss = SegDepthLoss(C, depth_loss="l1", depth_weight=0.1, smoothness_weight=0.01)
     total, parts = loss(logits, small, label, depth, image)
+    parts = parts_as_floats(parts)
     rgb = F.interpolate(image[:, :3], size=(H // 2, W // 2), mode="bilinear", align_corners=False)
     assert parts["smooth"] == pytest.approx(edge_aware_smoothness(small, rgb).item(), rel=1e-6)
     assert total.item() == pytest.approx(parts["ce"] + 0.1 * parts["depth"] + 0.01 * parts["smooth"], rel=1e-6)

@@ -66,9 +66,11 @@ def test_confusion_matrix_torch_matches_numpy():
     target, pred = _random_pair(2)
     expected = confusion_matrix(target, pred, C)
     for t_dtype in (torch.uint8, torch.int64):
-        cm = confusion_matrix_torch(torch.from_numpy(target).to(t_dtype), torch.from_numpy(pred).long(), C)
-        assert cm.dtype == torch.int64 and cm.shape == (C, C)
-        np.testing.assert_array_equal(cm.numpy(), expected)
+        for check in (True, False):  # unchecked (the validation loop's): the same counts, nothing read back
+            cm = confusion_matrix_torch(torch.from_numpy(target).to(t_dtype), torch.from_numpy(pred).long(), C,
+                                        check=check)
+            assert cm.dtype == torch.int64 and cm.shape == (C, C)
+            np.testing.assert_array_equal(cm.numpy(), expected)
 
 
 @pytest.mark.parametrize("fn", [confusion_matrix, confusion_matrix_torch])

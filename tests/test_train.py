@@ -1,6 +1,7 @@
 """One fold end to end: the run folder, exact resume after SIGKILL, torchrun on CPU, recipe errors."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -170,3 +171,38 @@ def test_full_recipe_model_forward_backward_on_cpu():
     seg, depth = model(torch.randn(1, 4, *recipe.data.crop_size))
     (seg.mean() + depth.mean()).backward()
     assert seg.shape == (1, 13, 576, 768) and depth.shape == (1, 1, 576, 768)
+
+
+def test_training_steps_read_nothing_off_the_device_each_step(monkeypatch):
+    """On a GPU every read of a number (``.item()``, ``float()``, ``if tensor``) waits for the queue to drain;
+    the loop reads once every SYNC_EVERY steps and once at the end, and still returns the mean loss parts."""
+    from timm.utils import ModelEmaV3
+
+    from kfold.train import SYNC_EVERY, build_loss, build_optimizer, train_steps
+
+    recipe = build_recipe({"model.decoder_channels": 64}, "smoke")
+    model = build_model("fpn", "resnet18", None, 3, 13, decoder_channels=64)
+    loss_fn = build_loss(recipe, [str(c) for c in range(13)])
+    optimizer = build_optimizer(model, loss_fn, recipe)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    ema = ModelEmaV3(model, decay=0.9)
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(2, 3, 64, 64, generator=g), "label": torch.randint(0, 13, (2, 64, 64), generator=g),
+             "depth": torch.rand(2, 1, 64, 64, generator=g) + 0.5}
+    steps = 2 * SYNC_EVERY + 3
+    reads = [0]
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, **kwargs):
+            reads[0] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    stats = train_steps(model, model, ema, loss_fn, optimizer, scheduler, None, [batch] * steps, steps, recipe,
+                        "epoch 1", False, torch.device("cpu"), None, show=False)
+    monkeypatch.undo()
+    assert reads[0] <= 2 * (steps // SYNC_EVERY + 1) + 1, reads[0]  # check (2 reads) per sync, one tolist at the end
+    means = {k: v for k, v in stats.items() if k.startswith("train_")}
+    assert set(means) >= {"train_total", "train_ce", "train_depth"}
+    assert all(isinstance(v, float) and math.isfinite(v) for v in means.values()), means

@@ -1,11 +1,14 @@
-"""Complete experiment stores written in the kfold.store manifest format, from the root's own labels.
+"""Complete experiment stores written in the kfold.store manifest format, from the root's own labels: the one
+fake-store builder of the suite.
 
-Cheap stand-ins for trained folds: softened one-hot probabilities at half resolution, so the blend and the
-store checks have real, valid data to work on and the tests can then break one thing at a time.
+Cheap stand-ins for trained folds: probabilities at half resolution made from each image's labels (by default
+softened one-hot), so the blend and the store checks have real, valid data to work on and the tests can then
+break one thing at a time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +18,10 @@ from kfold.data.layout import open_root, read_label
 from kfold.splits import folds_sha256, read_folds
 from kfold.store.format import StoreManifest
 
+Probs = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]  # (labels, num_classes, rng) -> probs
 
-def _probs(labels: np.ndarray, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+
+def peaked_probs(labels: np.ndarray, num_classes: int, rng: np.random.Generator) -> np.ndarray:
     """(n, C, h, w) float16 probabilities peaked (0.6) on the label; ignore pixels get a random class."""
     lab = np.where(labels == 255, rng.integers(0, num_classes, labels.shape), np.minimum(labels, num_classes - 1))
     onehot = np.moveaxis(np.eye(num_classes)[lab], -1, 1)
@@ -25,7 +30,8 @@ def _probs(labels: np.ndarray, num_classes: int, rng: np.random.Generator) -> np
     return (p / p.sum(axis=1, keepdims=True)).astype(np.float16)
 
 
-def write_store(runs: Path, name: str, root_path: Path, seed: int = 0, classes: list[str] | None = None) -> Path:
+def write_store(runs: Path, name: str, root_path: Path, seed: int = 0, classes: list[str] | None = None,
+                probs: Probs = peaked_probs, folds_sha256_override: str | None = None) -> Path:
     """Write every fold of experiment ``name`` under ``runs`` and return ``runs/name``.
 
     Args:
@@ -34,11 +40,14 @@ def write_store(runs: Path, name: str, root_path: Path, seed: int = 0, classes: 
         root_path: a dataset root with ``folds.csv``.
         seed: noise seed of the probabilities.
         classes: class names to record (default the root's); the arrays get ``len(classes)`` channels.
+        probs: makes a split's (n, C, h, w) float16 probabilities from its half-resolution labels (OOF first,
+            then test, from one generator per fold seeded by (seed, fold)).
+        folds_sha256_override: the folds.csv digest to record instead of the root's (a store of other folds).
     """
     root = open_root(root_path, verify=False)
     classes = list(classes or root.classes)
     C = len(classes)
-    folds, sha = read_folds(root), folds_sha256(root)
+    folds, sha = read_folds(root), folds_sha256_override or folds_sha256(root)
     k = max(folds.values()) + 1
     (H, W), (h, w) = root.image_size, (root.image_size[0] // 2, root.image_size[1] // 2)
     rows, cols = np.arange(h) * 2 + 1, np.arange(w) * 2 + 1
@@ -53,8 +62,8 @@ def write_store(runs: Path, name: str, root_path: Path, seed: int = 0, classes: 
         rng = np.random.default_rng([seed, f])
         d = runs / name / f"fold{f}"
         val = sorted(i for i, g in folds.items() if g == f)
-        oof = _probs(small("train", val), C, rng)
-        test = _probs(small("test", list(root.test_ids)), C, rng)
+        oof = probs(small("train", val), C, rng)
+        test = probs(small("test", list(root.test_ids)), C, rng)
         save_npy(d / "oof.npy", oof)
         save_npy(d / "test.npy", test)
         write_text(d / "oof_ids.txt", "".join(f"{i}\n" for i in val))
