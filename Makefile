@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean-runs
+.PHONY: demo test test-fast lint bench clean-runs
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,9 +44,15 @@ demo: $(STAMP)
 	if [ $$failed = 1 ]; then tail -n 3 runs/*.stderr; exit 1; fi
 	$(PY) ensemble/blend.py --runs $(DEMO_EXPERIMENTS) --per-class --name demo_blend
 
+# The whole suite, one worker process per core (pytest-xdist; a file's tests stay on one worker, so its module
+# fixtures are built once). test-fast: the unit tier, leaving out the end-to-end tests (marker e2e).
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadfile
+
+test-fast: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -m "not e2e"
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py --quick

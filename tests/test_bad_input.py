@@ -166,6 +166,7 @@ def test_experiment_on_a_bad_root_is_one_line_naming_the_file(bad_root, tmp_path
     assert not out.exists()  # nothing written
 
 
+@pytest.mark.e2e
 def test_experiment_command_line_is_one_line_and_a_traceback_only_with_debug(synthetic_root, tmp_path,
                                                                             capsys) -> None:
     root = Path(shutil.copytree(synthetic_root, tmp_path / "root", ignore=shutil.ignore_patterns(".folds.lock")))
@@ -187,6 +188,7 @@ def test_splits_on_a_bad_root_is_one_line_naming_the_file(bad_root, capsys) -> N
     error_line(err, str(path), words, alone=True)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("bad_root", [folds_with_a_fold_missing], indirect=True, ids=lambda f: f.__name__)
 def test_splits_command_line_on_a_bad_root_is_one_line(bad_root) -> None:
     root, path, words = bad_root
@@ -296,6 +298,7 @@ def blend_args(runs: Path, out: Path) -> list[str]:
             "--no-temperature", "--pixels", "2000"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("breaker", STORE_CORPUS, ids=lambda f: f.__name__)
 def test_blend_of_a_bad_store_is_one_line_naming_the_file(store, tmp_path, capsys, breaker) -> None:
     runs = Path(shutil.copytree(store, tmp_path / "runs"))
@@ -315,6 +318,7 @@ def test_blend_of_a_store_with_another_class_count_than_its_root(synthetic_root,
     error_line(err, str(synthetic_root), "classes", "differ")
 
 
+@pytest.mark.e2e
 def test_blend_command_line_is_one_line_and_a_traceback_only_with_debug(store, tmp_path, capsys) -> None:
     runs = Path(shutil.copytree(store, tmp_path / "runs"))
     path, words = nan_in_oof(runs / "exp_a")

@@ -97,6 +97,7 @@ def _direct_cm(runs: Path, root: Path, split: str, weights, temps, names=("exp_a
     return cm
 
 
+@pytest.mark.e2e
 def test_blend_beats_uniform_and_best_single_on_full_res_oof(setup: dict) -> None:
     rec, runs, root = setup["record"], setup["runs"], setup["root"]
     blend = mean_iou(_direct_cm(runs, root, "oof", rec["weights"], rec["temperatures"]))
@@ -140,6 +141,7 @@ def test_leaderboard_has_blend_and_member_rows(setup: dict) -> None:
     assert board.loc["exp_b", "oof_miou"] == pytest.approx(setup["record"]["member_scores"]["exp_b"]["miou"])
 
 
+@pytest.mark.e2e
 def test_dry_run_writes_nothing_and_single_member_blends(setup: dict, tmp_path: Path, capsys) -> None:
     out = tmp_path / "sub"
     rc = main(["--runs-dir", str(setup["runs"]), "--runs", "exp_b", "--out-dir", str(out), "--dry-run",
@@ -149,6 +151,7 @@ def test_dry_run_writes_nothing_and_single_member_blends(setup: dict, tmp_path: 
     assert "blend (slsqp)" in table and "exp_b=1.000" in table and "dry run" in table
 
 
+@pytest.mark.e2e
 def test_missing_fold_manifest_is_one_line_exit_2(setup: dict, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     shutil.copytree(setup["runs"], runs)
@@ -170,6 +173,7 @@ def test_different_folds_are_refused(setup: dict, tmp_path: Path, capsys) -> Non
     assert err.startswith("error: ") and "different folds.csv" in err and "\n" not in err
 
 
+@pytest.mark.e2e
 def test_sample_submission_order_and_hillclimb(setup: dict, tmp_path: Path) -> None:
     root = tmp_path / "root"
     shutil.copytree(setup["root"], root)
@@ -187,6 +191,7 @@ def test_sample_submission_order_and_hillclimb(setup: dict, tmp_path: Path) -> N
     assert rec["test"]["miou"] == pytest.approx(score_submission(out / "hc.csv", root / "test_labels", C)["miou"])
 
 
+@pytest.mark.e2e
 def test_default_skips_incomplete_and_uses_leaderboard_row(setup: dict, tmp_path: Path, capsys) -> None:
     runs, out = tmp_path / "runs", tmp_path / "sub"
     shutil.copytree(setup["runs"], runs)
@@ -202,6 +207,7 @@ def test_default_skips_incomplete_and_uses_leaderboard_row(setup: dict, tmp_path
     assert (out / "blend_slsqp_exp_a.csv").is_file()
 
 
+@pytest.mark.e2e
 def test_per_class_blend_writes_a_class_by_member_record(setup: dict, tmp_path: Path, capsys) -> None:
     """The record, table, plot and leaderboard of a per-class blend; its scores are the direct ones."""
     runs, root, out = setup["runs"], setup["root"], tmp_path / "sub"
@@ -234,6 +240,7 @@ def test_per_class_blend_writes_a_class_by_member_record(setup: dict, tmp_path: 
     assert "--per-class needs --method slsqp" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_worker_processes_give_the_in_process_blend(setup: dict, tmp_path: Path) -> None:
     """The passes split over a pool (the default on 2+ CPUs) and run in this process give the same files."""
     runs, out = setup["runs"], {n: tmp_path / n for n in ("one", "two")}

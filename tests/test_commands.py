@@ -48,6 +48,7 @@ def test_subcommand_help_is_the_modules_own(command: list[str]) -> None:
     assert proc.stdout.startswith(f"usage: {own}"), proc.stdout[:200]
 
 
+@pytest.mark.e2e
 def test_train_runs_the_experiment_script_and_passes_its_exit_code() -> None:
     """A bad --opts key reaches the script's own recipe check: the same one line and exit 2 as the script."""
     via_command = run("train", "exp093_5", "--preset", "smoke", "--opts", "optim.lrr", "1")

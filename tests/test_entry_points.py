@@ -81,6 +81,7 @@ def cases(tmp: Path, not_hdf5: Path, used: Path, root: Path) -> list[tuple[list[
     ]
 
 
+@pytest.mark.e2e
 def test_every_entry_point_answers_bad_input_with_one_error_line(tmp_path, not_hdf5, used_folder,
                                                                   synthetic_root) -> None:
     for argv, words in cases(tmp_path, not_hdf5, used_folder, synthetic_root):
@@ -190,6 +191,7 @@ def _lr(run_dir: Path) -> float:
     return yaml.safe_load((run_dir / "config.yaml").read_text())["recipe"]["optim"]["lr"]
 
 
+@pytest.mark.e2e
 def test_a_finished_fold_is_not_reused_under_another_recipe(synthetic_root, tmp_path) -> None:
     exp = ["experiments/exp093_2.py", "--preset", "smoke", "--data-root", str(synthetic_root), "--out",
            str(tmp_path / "runs"), "--fold", "0"]

@@ -37,6 +37,8 @@ from kfold.store.format import is_complete as fold_complete
 from kfold.store.read import open_experiment
 from submissions.validate import read_submission
 
+pytestmark = pytest.mark.e2e  # runs commands end to end in subprocesses (the e2e tier)
+
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "faults" / "driver.py"
 EXP = "exp093_2"

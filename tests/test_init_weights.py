@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 from kfold.models import build_model
 from kfold.weights import init_from
 
+pytestmark = pytest.mark.e2e  # runs commands end to end in subprocesses (the e2e tier)
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

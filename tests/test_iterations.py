@@ -14,6 +14,8 @@ from test_faults import kill_at, same_weights
 
 from kfold.checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.e2e  # runs commands end to end in subprocesses (the e2e tier)
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # 40 iterations of batch 4 over the 32 training ids of fold 0: 8 batches a pass, so the stream crosses five

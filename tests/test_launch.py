@@ -20,6 +20,8 @@ import pytest
 
 from kfold.launch import job_argv, parse_minutes
 
+pytestmark = pytest.mark.e2e  # runs commands end to end in subprocesses (the e2e tier)
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

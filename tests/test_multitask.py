@@ -21,6 +21,8 @@ from kfold.data.dataset import SegmentationDataset
 from kfold.data.layout import DEFAULT_CLASSES, open_root
 from kfold.losses import berhu_loss
 
+pytestmark = pytest.mark.e2e  # runs commands end to end in subprocesses (the e2e tier)
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -221,6 +221,7 @@ def test_nested_cv_is_not_above_in_sample(two_models):
         nested_cv(probs, y, w, fold[:-1], C)
 
 
+@pytest.mark.e2e
 def test_nested_cv_in_a_process_pool_gives_the_serial_result(two_models):
     probs, y, w = two_models
     fold = np.random.default_rng(8).integers(0, 3, len(y))

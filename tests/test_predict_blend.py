@@ -17,6 +17,8 @@ from PIL import Image
 
 from submissions.rle import rle_decode
 
+pytestmark = pytest.mark.e2e  # runs commands end to end in subprocesses (the e2e tier)
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -21,6 +21,8 @@ from kfold.data.stream import ShardStream, stream_ids
 from kfold.data.transforms import TrainTransform
 from kfold.splits import read_folds
 
+pytestmark = pytest.mark.e2e  # runs commands end to end in subprocesses (the e2e tier)
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1"}
 

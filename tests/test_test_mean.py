@@ -16,6 +16,8 @@ import pytest
 from kfold.store.read import open_experiment
 from kfold.store.write import write_test_mean
 
+pytestmark = pytest.mark.e2e  # runs commands end to end in subprocesses (the e2e tier)
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -56,6 +56,7 @@ def test_smoke_fold_writes_the_run_folder(synthetic_root, tmp_path, capsys):
     assert "complete, skipped" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_resume_after_sigkill_matches_an_uninterrupted_run(synthetic_root, tmp_path):
     args = ["experiments/exp093_2.py", "--fold", "1", "--data-root", str(synthetic_root), *SMOKE,
             "--opts", "schedule.epochs", "4", "data.hflip", "0.5", "tta.scales", "[1.0]"]
@@ -81,6 +82,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(synthetic_root, tmp_p
     assert list(rows["epoch"]) == [1, 2, 3, 4]
 
 
+@pytest.mark.e2e
 def test_ctrl_c_stops_a_run_started_with_sigint_ignored(synthetic_root, tmp_path):
     """make demo's training jobs start with SIGINT ignored (background jobs of a shell): Ctrl-C must still stop
     them, with the one-line message, leaving last.pt and no manifest (``--resume`` is tested after SIGKILL)."""
@@ -104,6 +106,7 @@ def test_ctrl_c_stops_a_run_started_with_sigint_ignored(synthetic_root, tmp_path
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
                     reason="torchrun not installed")
+@pytest.mark.e2e
 def test_torchrun_two_cpu_processes_count_each_image_once(synthetic_root, tmp_path):
     root = open_root(synthetic_root)
     fold_of = read_folds(root)
@@ -164,6 +167,7 @@ def test_two_rate_optimiser_and_frozen_encoder(synthetic_root, tmp_path):
     assert set(state["loss"]) == {"log_sigma_seg", "log_sigma_depth"}
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_full_recipe_model_forward_backward_on_cpu():
     recipe = build_recipe({"data.in_channels": 4}, "full")
