@@ -394,6 +394,9 @@ def fit_fold(recipe: Recipe, root: DataRoot, run_dir: Path, train_ids: Sequence[
     autocast = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda") if autocast == torch.float16 else None
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup)
+    log.info("device %s, autocast %s, gradient scaler %s, pinned batches %s", device,
+             str(autocast).removeprefix("torch.") if autocast else "off (float32)", "on" if scaler else "off",
+             "on" if data.train_loader.pin_memory else "off")
     rows, start, best_miou = [], 0, -math.inf
     if resume and (run_dir / "last.pt").exists():
         start, best_miou, rows = restore(run_dir / "last.pt", device, model, ema, loss_fn, optimizer, scheduler,

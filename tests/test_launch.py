@@ -62,7 +62,7 @@ def test_local_launcher_runs_each_fold_as_its_own_job(local_runs) -> None:
     assert (local_runs / "exp093_2" / "leaderboard_row.json").is_file()
     final = (local_runs / "exp093_2" / "final_metrics.csv").read_text().splitlines()
     assert final[0] == "metric,validation (mean of folds),test (mean of folds),test (fold-averaged prediction)"
-    shown = status(local_runs)
+    shown = status(local_runs, "exp093_2")
     assert shown.returncode == 0 and states(shown.stdout) == dict.fromkeys(range(5), "complete"), shown.stdout
     assert "OOF mIoU 0." in shown.stdout
 
@@ -84,7 +84,7 @@ def _task_pid(run_dir: Path) -> int | None:
 
 def test_a_killed_fold_shows_failed_and_a_requeued_fold_resumes(synthetic_root, tmp_path) -> None:
     out = tmp_path / "runs"
-    cmd = experiment(synthetic_root, out, "--fold", "2,3", "--opts", "schedule.epochs", "25", "--launcher", "local",
+    cmd = experiment(synthetic_root, out, "--fold", "2,3", "--opts", "schedule.epochs", "12", "--launcher", "local",
                      "--jobs", "2")
     fold2, fold3 = out / "exp093_2" / "fold2", out / "exp093_2" / "fold3"
     launcher = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -103,7 +103,7 @@ def test_a_killed_fold_shows_failed_and_a_requeued_fold_resumes(synthetic_root, 
     assert "resumed" in (fold2 / "train.log").read_text()
     with open(fold2 / "metrics.csv", newline="") as f:
         epochs = [int(row["epoch"]) for row in csv.DictReader(f)]
-    assert epochs == list(range(1, 26))  # no finished epoch trained twice, none lost
+    assert epochs == list(range(1, 13))  # no finished epoch trained twice, none lost
 
     shown = status(out, "exp093_2")
     assert shown.returncode == 1, shown.stdout
@@ -157,7 +157,7 @@ def test_slurm_array_covers_exactly_the_unfinished_folds(local_runs, synthetic_r
     jobs = {k: json.loads((out / "exp093_2" / f"fold{k}" / "job.json").read_text()) for k in (2, 3, 4)}
     assert [jobs[k]["job_id"] for k in (2, 3, 4)] == ["4242_0", "4242_1", "4242_2"]
     assert all(j["state"] == "pending" and j["launcher"] == "slurm" for j in jobs.values())
-    shown = status(out, env=env)
+    shown = status(out, "exp093_2", env=env)
     assert states(shown.stdout) == {0: "complete", 1: "complete", 2: "pending", 3: "pending", 4: "pending"}
 
 

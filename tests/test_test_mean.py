@@ -27,11 +27,8 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def trained(synthetic_root, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("mean") / "runs"
-    proc = run("experiments/exp093_2.py", "--preset", "smoke", "--data-root", str(synthetic_root), "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return out
+def trained(smoke_runs, tmp_path_factory) -> Path:
+    return Path(shutil.copytree(smoke_runs, tmp_path_factory.mktemp("mean") / "runs"))
 
 
 def blend(runs: Path, out: Path) -> bytes:
