@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from foldwise.io import write_json
+from foldwise.io import read_text, write_json
 
 Scores = dict[str, Any]  # {"miou", "pixel_acc", "per_class_iou": {class: IoU}}
 REQUIRED = ("members", "weights", "temperatures", "classes")
@@ -93,7 +93,7 @@ def read_blend_record(path: Path) -> BlendRecord:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: blend record not found (ensemble/blend.py writes submissions/NAME.json)")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path))
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict):

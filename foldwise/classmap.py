@@ -15,6 +15,7 @@ import numpy as np
 import yaml
 
 from foldwise.classes import IGNORE_INDEX
+from foldwise.io import read_text
 
 # Shipped maps, found by bare name (``nyu13_to_6`` or ``nyu13_to_6.yaml``).
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "kfold" / "data" / "class_maps"
@@ -102,7 +103,7 @@ def read_class_map(name: str | Path, source_classes: tuple[str, ...]) -> ClassMa
     """Read a class map file (or a shipped map by name) for a root with ``source_classes``."""
     path = resolve_class_map_path(name)
     try:
-        groups = yaml.safe_load(path.read_text())
+        groups = yaml.safe_load(read_text(path))
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     return class_map_from_groups(groups, source_classes, str(path))

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from foldwise.io import read_text
+
 # Choice keys: their Literal types are the one statement of what each accepts (see choices()).
 Arch = Literal["fpn", "deeplabv3plus"]
 DepthLoss = Literal["l1", "berhu", "none"]
@@ -343,7 +345,7 @@ def from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     """Read a recipe from a ``config.yaml`` written by a run (its ``recipe`` section)."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.safe_load(read_text(path))
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(data, dict) or "recipe" not in data:

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from foldwise.io import write_text
+from foldwise.io import read_text, write_text
 from kfold.config import Recipe, to_dict
 from kfold.store.format import MANIFEST
 
@@ -86,7 +86,7 @@ def recipe_differences(run_dir: Path, recipe: Recipe, data_root: Path | None = N
         Sorted dotted keys; ``["config.yaml"]`` when the record is missing or unreadable.
     """
     try:
-        record = yaml.safe_load((run_dir / CONFIG).read_text())
+        record = yaml.safe_load(read_text(run_dir / CONFIG))
         old = _flatten(record["recipe"])
     except (OSError, yaml.YAMLError, TypeError, KeyError):
         return [CONFIG]
@@ -103,7 +103,7 @@ def recipe_differences(run_dir: Path, recipe: Recipe, data_root: Path | None = N
 def describe_difference(run_dir: Path, recipe: Recipe, keys: list[str]) -> str:
     """``optim.lr 0.0001 -> 0.0003`` for the first few differing keys."""
     try:
-        old = _flatten(yaml.safe_load((run_dir / CONFIG).read_text())["recipe"])
+        old = _flatten(yaml.safe_load(read_text(run_dir / CONFIG))["recipe"])
     except (OSError, yaml.YAMLError, TypeError, KeyError):
         old = {}
     new = _flatten(to_dict(recipe))

@@ -24,7 +24,7 @@ import pandas as pd
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 from foldwise.cli import ArgumentParser, run_entry_point
-from foldwise.io import write_text
+from foldwise.io import read_text, write_text
 from kfold.data.layout import DataError, DataRoot, open_root, read_label
 
 FOLDS_FILE = "folds.csv"
@@ -130,7 +130,7 @@ def read_folds(root: DataRoot) -> dict[str, int]:
     path = Path(root.path) / FOLDS_FILE
     if not path.is_file():
         raise DataError(f"{path}: file not found (run python -m kfold.splits --data-root {root.path})")
-    rows = list(csv.reader(io.StringIO(path.read_text())))
+    rows = list(csv.reader(io.StringIO(read_text(path))))
     if not rows or [c.strip() for c in rows[0]] != ["id", "fold"]:
         raise DataError(f"{path}: header must be 'id,fold'")
     folds: dict[str, int] = {}

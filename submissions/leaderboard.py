@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import fcntl
+import io
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from foldwise.cli import ArgumentParser, run_entry_point
+from foldwise.io import read_text
 from foldwise.leaderboard import DEPTH, HEAD, KINDS, TAIL
 from submissions.common import SubmissionError, atomic_path
 
@@ -71,15 +73,26 @@ def _cell(key: str, value: object) -> str:
 
 
 def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """The leaderboard's header and rows, read strictly: a malformed file is refused, never rewritten."""
     if not path.is_file():
         return [], []
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        header = list(reader.fieldnames or [])
-        rows = list(reader)
-    if header and "name" not in header:
+    try:
+        records = list(csv.reader(io.StringIO(read_text(path), newline=""), strict=True))
+    except (ValueError, csv.Error) as err:
+        raise SubmissionError(f"{path}: not a readable leaderboard ({str(err).removeprefix(f'{path}: ')})") from None
+    if not records:
+        return [], []
+    header, body = records[0], records[1:]
+    if "name" not in header:
         raise SubmissionError(f"{path}: not a leaderboard (no 'name' column; found {', '.join(header)})")
-    return header, rows
+    duplicated = sorted({c for c in header if header.count(c) > 1})
+    if duplicated:
+        raise SubmissionError(f"{path}: column {duplicated[0]!r} appears twice in the header")
+    for line, cells in enumerate(body, start=2):
+        if len(cells) != len(header):
+            raise SubmissionError(f"{path}: line {line} has {len(cells)} fields, the header {len(header)}; "
+                                  "fix or remove the file (it is not rewritten)")
+    return header, [dict(zip(header, cells)) for cells in body]
 
 
 def _columns(header: list[str], keys: list[str]) -> list[str]:

@@ -20,6 +20,7 @@ import numpy as np
 from foldwise import labels
 from foldwise.classmap import ClassMap, read_class_map
 from foldwise.cli import ArgumentParser, run_entry_point
+from foldwise.io import read_text
 from submissions.common import (
     DEFAULT_CLASSES,
     SubmissionError,
@@ -92,7 +93,7 @@ def score_submission(
 def read_classes(path: Path) -> tuple[str, ...]:
     """Class names from ``classes.txt`` (one per line, blank lines ignored)."""
     try:
-        names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+        names = tuple(line.strip() for line in read_text(path).splitlines() if line.strip())
     except OSError as e:
         raise SubmissionError(f"{path}: cannot read class list: {e.strerror}") from None
     if not names:

@@ -6,6 +6,7 @@ Every problem with a root is a :class:`DataError` whose one-line message starts 
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -17,6 +18,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageFile
 
+from foldwise.io import read_text
 from foldwise.classes import DEFAULT_CLASSES, IGNORE_INDEX
 from foldwise import labels
 from foldwise.classmap import ClassMap, read_class_map
@@ -230,7 +232,7 @@ def _read_classes(root: Path) -> tuple[str, ...]:
     path = root / "classes.txt"
     if not path.exists():
         return DEFAULT_CLASSES
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    names = [line.strip() for line in read_text(path).splitlines() if line.strip()]
     if not names:
         raise _error(path, "empty; expected one class name per line")
     dupes = sorted(name for name, count in Counter(names).items() if count > 1)
@@ -245,11 +247,13 @@ def _read_scenes(root: Path, train_ids: tuple[str, ...], test_ids: tuple[str, ..
     path = root / "scenes.csv"
     if not path.exists():
         return {i: i for i in train_ids}
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
+    try:
+        reader = csv.DictReader(io.StringIO(read_text(path)))
         if reader.fieldnames is None or not {"id", "scene"} <= set(reader.fieldnames):
             raise _error(path, f"header {reader.fieldnames}, expected columns id,scene")
         rows = [(row["id"], row["scene"]) for row in reader]
+    except (ValueError, csv.Error) as err:
+        raise _error(path, str(err).removeprefix(f"{path}: ")) from None
     known = set(train_ids) | set(test_ids)
     scenes: dict[str, str] = {}
     for line, (image_id, scene) in enumerate(rows, start=2):

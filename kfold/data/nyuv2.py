@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from kfold.data.layout import IGNORE_INDEX, DataError
 from foldwise.cli import ArgumentParser, run_entry_point
-from foldwise.io import staged_folder, write_png, write_text
+from foldwise.io import read_text, staged_folder, write_png, write_text
 
 MAP_FILE = "map894_to_13.txt"
 TRAIN_INDEX_FILE = "train_idx.txt"
@@ -39,7 +39,7 @@ def _read_ints(path: Path) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     values = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:

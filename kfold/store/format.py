@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from foldwise.io import read_text
+
 MANIFEST = "manifest.json"
 STORE_DTYPE = "float16"
 # The experiment's test probabilities averaged over its folds, written once when the last fold completes.
@@ -136,7 +138,7 @@ def load_manifest(name: str, fold: int, path: Path) -> StoreManifest:
     if not file.is_file():
         raise StoreError(f"{name} fold {fold}: {file} missing (fold not complete)")
     try:
-        data = json.loads(file.read_text())
+        data = json.loads(read_text(file))
     except (OSError, ValueError) as err:
         raise StoreError(f"{name} fold {fold}: {file} unreadable ({err})") from None
     if not isinstance(data, dict):
@@ -171,4 +173,4 @@ def list_experiments(runs_dir: str | Path) -> list[str]:
 
 def read_ids(path: Path) -> list[str]:
     """Ids of an ``*_ids.txt`` file, one per line (blank lines skipped)."""
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [line.strip() for line in read_text(path).splitlines() if line.strip()]

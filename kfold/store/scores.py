@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from foldwise.io import write_json
+from foldwise.io import read_text, write_json
 from kfold.data.layout import DataRoot
 from kfold.store.read import ExperimentStore, fold_test_digests
 
@@ -35,7 +35,7 @@ def _identity(store: ExperimentStore, root: DataRoot, split: str) -> dict[str, A
 
 def _read(store: ExperimentStore) -> dict[str, Any]:
     try:
-        record = json.loads((store.path / SCORES).read_text())
+        record = json.loads(read_text(store.path / SCORES))
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
