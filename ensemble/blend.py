@@ -36,9 +36,10 @@ from ensemble.plots import plot_per_class, plot_weights
 from ensemble.record import BlendRecord
 from ensemble.stores import Members, build_sample, open_members
 from foldwise.cli import ArgumentParser, run_entry_point
+from foldwise.io import check_writable
 from foldwise.leaderboard import leaderboard_row
 from kfold.metrics import iou_per_class, mean_iou, pixel_accuracy
-from submissions.leaderboard import sync_experiment_rows, upsert_leaderboard
+from submissions.leaderboard import read_leaderboard, sync_experiment_rows, upsert_leaderboard
 from submissions.score import score_submission
 from submissions.writer import write_submission
 
@@ -59,6 +60,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--order", choices=("C", "F"), default="C", help="RLE pixel order of the submission")
     p.add_argument("--no-temperature", action="store_true", help="keep every temperature at 1")
     p.add_argument("--dry-run", action="store_true", help="report without writing anything")
+    p.add_argument("--skip-broken", action="store_true",
+                   help="without --runs: leave out experiments that look complete but cannot be read (the report "
+                        "and the leaderboard row name them); by default such a blend is refused")
     p.add_argument("--out-dir", type=Path, default=Path("submissions"))
     p.add_argument("--chunk", type=int, default=4,
                    help="images per streamed chunk (memory: ~ chunk x members x the candidates' temperatures)")
@@ -74,7 +78,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--workers must be >= 1, got {args.workers}")
     if args.chunk < 1:
         p.error(f"--chunk must be >= 1, got {args.chunk}")
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0, got {args.seed}")
+    if args.pixels < 1:
+        p.error(f"--pixels must be >= 1, got {args.pixels}")
     return args
+
+
+def check_outputs(out_dir: Path, name: str | None) -> None:
+    """Before any work: the submission, record, plots and leaderboard can be written, and the leaderboard that
+    will be updated reads (a malformed one is refused, not rewritten)."""
+    board = out_dir / "leaderboard.csv"
+    for path in [board] + ([out_dir / f"{name}.csv", out_dir / f"{name}.json"] if name else []):
+        check_writable(path)
+    if board.is_file():
+        read_leaderboard(board)
 
 
 @contextlib.contextmanager
@@ -192,9 +210,13 @@ def submit_and_score(members: Members, fit: BlendResult, args: argparse.Namespac
 def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -> BlendRecord:
     """Fit, score and write one blend; return its record (what ``<name>.json`` holds)."""
     laps = Laps()
-    members, skipped = open_members(args.runs_dir, args.runs, args.data_root, make_test_mean=not args.dry_run)
+    if not args.dry_run:
+        check_outputs(Path(args.out_dir), args.name)
+    members, skipped = open_members(args.runs_dir, args.runs, args.data_root, make_test_mean=not args.dry_run,
+                                    skip_broken=args.skip_broken)
     for line in skipped:
         log(line)
+    left_out = [line.removeprefix("skipped broken ") for line in skipped if line.startswith("skipped broken ")]
     names, classes, C, k = members.names, members.classes, members.num_classes, members.folds
     if args.pixels < C:
         raise ValueError(f"--pixels {args.pixels} must be >= the number of classes ({C})")
@@ -210,6 +232,8 @@ def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -
                            seed=args.seed)
     name = args.name or default_name(method_label(args.method, args.per_class), names)
     csv_path = Path(args.out_dir) / f"{name}.csv"
+    if not args.dry_run:
+        check_outputs(Path(args.out_dir), name)
     workers = args.workers or default_workers(k + 1)
     with worker_pool(workers) as pool:
         fit, nested = fit_with_nested(sample, C, k, options, pool)
@@ -243,7 +267,7 @@ def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -
         member_scores={n: _scores(cms[n], classes) for n in names}, global_=global_,
         test=test, sample_pixels=len(sample.labels), seed=args.seed, order=args.order,
         submission=str(csv_path), written=summary.written, data_root=str(members.root.path),
-        timings_s=laps.seconds, created=datetime.now(UTC).isoformat(timespec="seconds"))
+        timings_s=laps.seconds, created=datetime.now(UTC).isoformat(timespec="seconds"), left_out=left_out)
     if not args.dry_run:
         _write_outputs(record, members, Path(args.out_dir))
     return record
@@ -262,7 +286,8 @@ def _write_outputs(record: BlendRecord, members: Members, out_dir: Path) -> None
         name=name, kind="blend", members=names, weights=np.round(record.weights, 4).tolist(),
         temperatures=[round(t, 4) for t in record.temperatures], oof_miou=record.oof["miou"],
         oof_miou_nested=record.nested["miou"], pixel_acc=record.oof["pixel_acc"],
-        per_class_iou=record.oof["per_class_iou"], submission=record.submission, created=record.created),
+        per_class_iou=record.oof["per_class_iou"], submission=record.submission, created=record.created,
+        notes="; ".join(f"left out {line}" for line in record.left_out)),
         board)
     reported = sync_experiment_rows(members.stores[0].path.parent, board, names)
     for store in members.stores:
@@ -313,6 +338,7 @@ def format_table(record: BlendRecord) -> str:
     else:
         moved = f"NO: it ended where it started ({start:.4f} on the sample)"
     rows.append(f"weights  {weights}   temperatures {temps}   optimiser moved: {moved}")
+    rows += [f"LEFT OUT (--skip-broken): {line}" for line in record.left_out]
     rows.append("timings  " + ", ".join(f"{k} {v:.1f} s" for k, v in record.timings_s.items()))
     where = Path(record.submission)
     rows.append(f"{'wrote' if record.written else 'dry run, nothing written:'} {where}, "

@@ -127,9 +127,13 @@ def predict_folder(blend: BlendBundle, images_dir: Path, out: Path, depths_dir: 
     paths = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not paths:
         raise FileNotFoundError(f"{images_dir}: no images (*.png, *.jpg)")
+    needs_depth = any(m.recipe.data.in_channels == 4 for m in blend.members)
+    if needs_depth and depths_dir is None:
+        raise ValueError(f"blend {blend.name!r} has RGB-D members: pass --depths DIR (<id>.png, 16-bit mm)")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out}: a file, not a folder")
     dev = torch.device(device)
     members = load_models(blend, dev)
-    needs_depth = any(m.bundle.recipe.data.in_channels == 4 for m in members)
     batch = batch or max(m.bundle.recipe.oof.batch_size for m in members)
     colours = class_colours(len(blend.classes)) if color else None
     out.mkdir(parents=True, exist_ok=True)
@@ -177,6 +181,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--batch {args.batch}: must be >= 1 (0 = the members' own)")
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is visible")
+        bad = [s for s in args.tta_scales or [] if not 0 < s <= 8]
+        if bad:
+            raise ValueError(f"--tta-scales {bad[0]}: each scale must be in (0, 8]")
+        if args.depths is not None and not args.depths.is_dir():
+            raise FileNotFoundError(f"--depths {args.depths}: no such folder")
         blend = (open_export(args.model) if args.model
                  else open_from_runs(args.submissions / f"{args.blend}.json", args.runs_dir))
         if args.tta_scales:

@@ -35,6 +35,7 @@ class BlendRecord:
         member_scores: each member alone, OOF.
         global_: a per-class fit's starting global blend (weights, temperatures, oof, nested), else None.
         test: the local test score when the root has test labels, else None.
+        left_out: experiments ``--skip-broken`` left out, each with why.
 
     Fields are in the file's key order.
     """
@@ -68,6 +69,7 @@ class BlendRecord:
     data_root: str = ""
     timings_s: dict[str, float] = field(default_factory=dict)
     created: str = ""
+    left_out: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The record as JSON-able data, in the file's key order (NaN becomes null)."""

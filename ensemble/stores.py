@@ -7,6 +7,7 @@ resolution, then upsampled bilinearly (align_corners=False) to the label size be
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,10 @@ from tqdm import tqdm
 
 from ensemble.optimize import TemperedCache, blend_probs
 from ensemble.sampling import gather_pixels, stratified_pixel_sample
+from foldwise.io import read_text
 from kfold.data.layout import DataRoot, open_root
 from kfold.splits import FOLDS_FILE, folds_sha256
-from kfold.store.format import StoreError, list_experiments
+from kfold.store.format import MANIFEST, StoreError, fold_dirs, list_experiments
 from kfold.store.read import ExperimentStore, full_res_argmax, open_experiment
 from kfold.store.write import write_test_mean
 
@@ -146,16 +148,29 @@ def check_compatible(stores: Sequence[ExperimentStore]) -> None:
             raise StoreError(f"{where} different test ids ({len(s.test_ids)} vs {len(ref.test_ids)})")
 
 
+def _looks_complete(exp_dir: Path) -> bool:
+    """Every one of the experiment's k folds has a manifest (k as its manifests record it)."""
+    with_manifest = {k: d for k, d in fold_dirs(exp_dir).items() if (d / MANIFEST).is_file()}
+    for d in with_manifest.values():
+        try:
+            k = json.loads(read_text(d / MANIFEST))["k_folds"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        return isinstance(k, int) and set(with_manifest) >= set(range(k))
+    return bool(with_manifest) and len(with_manifest) == len(fold_dirs(exp_dir))
+
+
 def open_members(
     runs_dir: str | Path, names: Sequence[str] | None = None, data_root: str | Path | None = None,
-    make_test_mean: bool = False,
+    make_test_mean: bool = False, skip_broken: bool = False,
 ) -> tuple[Members, list[str]]:
     """Open and cross-check the stores of a blend.
 
     Args:
         runs_dir: folder of the experiments.
-        names: experiments to blend; None: every complete experiment under ``runs_dir`` (incomplete ones
-            are skipped and reported).
+        names: experiments to blend; None: every complete experiment under ``runs_dir``. One still training (a
+            fold without its manifest) is skipped and reported; one whose every fold has a manifest but whose
+            stores cannot be read is refused, naming the experiment, fold and file, unless ``skip_broken``.
         data_root: the dataset root; default: the one the stores recorded.
         make_test_mean: write the fold-mean test store of a member that has none (stores written before it
             existed); it is kept, so the next blend reads one file instead of k.
@@ -174,7 +189,11 @@ def open_members(
             try:
                 stores.append(open_experiment(runs_dir, n))
             except StoreError as err:
-                skipped.append(f"skipped {err}")
+                broken = _looks_complete(Path(runs_dir) / n)
+                if broken and not skip_broken:
+                    raise StoreError(f"{err} (it looks complete: fix it, name the members with --runs, or pass "
+                                     "--skip-broken to blend without it)") from None
+                skipped.append(f"skipped {'broken ' if broken else ''}{err}")
         if not stores:
             raise StoreError(f"{runs_dir}: no complete experiment (fold<k>/manifest.json with status complete)")
     if make_test_mean:

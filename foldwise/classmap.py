@@ -65,9 +65,13 @@ def class_map_from_groups(groups: Any, source_classes: tuple[str, ...], source: 
     clean: dict[str, tuple[str, ...]] = {}
     for new, olds in groups.items():
         olds = [olds] if isinstance(olds, str) else olds
-        if not isinstance(new, str) or not isinstance(olds, list) or not olds:
+        if not isinstance(new, str) or not new.strip():  # YAML reads `1:` or `yes:` as a number or a bool
+            raise ValueError(f"{source}: new class name {new!r} is not a name (quote it: '{new}')")
+        if not isinstance(olds, list) or not olds:
             raise ValueError(f"{source}: class {new!r} needs a non-empty list of old class names")
         for old in olds:
+            if not isinstance(old, str):
+                raise ValueError(f"{source}: class {new!r} lists {old!r}, which is not a class name (quote it)")
             if old not in source_classes:
                 raise ValueError(f"{source}: class {new!r} lists {old!r}, which is not a class of the root "
                                  f"({', '.join(source_classes)})")

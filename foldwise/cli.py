@@ -7,6 +7,7 @@ block first; here the usage is one ``--help`` away).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -27,9 +28,15 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # terminal colour and cursor codes other libraries put in messages
+
+
 def one_line(err: BaseException) -> str:
-    """The message of ``err`` on one line (tracebacks of nested tools can carry newlines)."""
-    text = " ".join(str(err).split())
+    """The message of ``err`` on one line (tracebacks of nested tools can carry newlines), without terminal
+    escape codes and without an ``error:`` prefix of its own (the entry point adds one)."""
+    text = " ".join(_ANSI.sub("", str(err)).split())
+    while text.lower().startswith("error:"):
+        text = text[len("error:"):].lstrip()
     if isinstance(err, INPUT_ERRORS) or not text:
         return text or type(err).__name__
     return f"{type(err).__name__}: {text} (run with --debug for the traceback)"

@@ -79,9 +79,9 @@ def _failed_write(path: Path, err: BaseException) -> OSError:
         reason = f"{reason}; is the disk full, or a file-size limit (ulimit -f) reached?"
     elif isinstance(err, OSError) and err.strerror:
         reason = f"[Errno {err.errno}] {err.strerror}"  # without the temporary file's name
-    message = f"{path}: could not be written ({reason})"
-    code = getattr(err, "errno", None)
-    return OSError(code, message) if code else OSError(message)
+    failed = OSError(f"{path}: could not be written ({reason})")
+    failed.errno = getattr(err, "errno", None)  # kept for callers; the message names it once, in the reason
+    return failed
 
 
 @contextlib.contextmanager
@@ -193,5 +193,12 @@ def staged_folder(out: str | os.PathLike) -> Iterator[Path]:
         if out.exists():
             out.rmdir()
         staging.rename(out)
+    except OSError as err:
+        if str(staging) not in str(err):
+            raise
+        # name the file as the user will find it, not the staging folder that is about to go
+        failed = OSError(str(err).replace(str(staging), str(out)))
+        failed.errno = err.errno
+        raise failed from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)

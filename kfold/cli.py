@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from foldwise.cli import ArgumentParser, run_entry_point
 from kfold.config import ConfigError, Recipe, build_recipe, load_recipe, parse_opts, set_key
 from kfold.launch import add_launcher_args, check_launcher_args, launch
-from kfold.rundir import clear_fold, describe_difference, fold_dir, recipe_differences, write_config
+from kfold.rundir import FoldLock, clear_fold, describe_difference, fold_dir, recipe_differences, write_config
 from kfold.store.format import is_complete
 from kfold.validate import fit_recipe_to_root, validate_recipe
 
@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="runs", help="runs folder (default: runs)")
     p.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
                    help="override recipe keys, e.g. optim.lr 3e-4")
+    p.add_argument("--wait", action="store_true",
+                   help="when another process is writing a fold, wait for it instead of refusing")
     p.add_argument("--retrain", action="store_true",
                    help="retrain folds that finished (or started) under a different recipe, discarding their results")
     add_launcher_args(p)
@@ -93,7 +95,19 @@ def setup_logging(run_dir: Path, dist: DistInfo) -> None:
 
 def run_fold(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[str, int], args: argparse.Namespace,
              dist: DistInfo, notes: list[str]) -> None:
-    """Train (unless ``--predict-only``) and predict one fold; ``notes`` go to its log first."""
+    """Train (unless ``--predict-only``) and predict one fold, holding its lock; ``notes`` go to its log first."""
+    run_dir = fold_dir(args.out, recipe.name, fold)
+    lock = FoldLock(run_dir).acquire(wait=args.wait) if dist.is_main else None  # before the first write
+    try:
+        _train_and_predict(recipe, root, fold, fold_of, args, dist, notes, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_and_predict(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[str, int], args: argparse.Namespace,
+                       dist: DistInfo, notes: list[str], run_dir: Path) -> None:
+    """The fold's work, under its lock: config.yaml, training, the OOF and test stores."""
     from kfold.distributed import barrier
     from kfold.models import amp_dtype, load_weights, model_from_recipe
     from kfold.plots import plot_curves
@@ -101,7 +115,6 @@ def run_fold(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[str, int],
     from kfold.store.write import format_final_table, predict_fold
     from kfold.train import fit_fold
 
-    run_dir = fold_dir(args.out, recipe.name, fold)
     train_ids = [i for i in root.train_ids if fold_of[i] != fold]
     val_ids = [i for i in root.train_ids if fold_of[i] == fold]
     setup_logging(run_dir, dist)
@@ -133,6 +146,21 @@ def run_fold(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[str, int],
     barrier()
 
 
+def check_initial_weights(path: str, recipe: Recipe, num_classes: int) -> None:
+    """``--weights_path`` read and fitted to the recipe's model (on the CPU) before anything is written: a
+    missing file, a folder, a pickle or keys that fit nothing are one line naming the flag and the file."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--weights_path {path}: {'a folder, not a file' if file.is_dir() else 'no such file'}")
+    from kfold.models import model_from_recipe
+    from kfold.weights import init_from
+
+    try:
+        init_from(model_from_recipe(recipe, num_classes, pretrained=False), file, recipe.model.init_key_map)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--weights_path: {err}") from None
+
+
 def folds_to_run(recipe: Recipe, folds: list[int], args: argparse.Namespace, root_path: Path,
                  folds_digest: str | None) -> list[int]:
     """The requested folds that need work; refuses to reuse a fold recorded under a different recipe.
@@ -144,8 +172,11 @@ def folds_to_run(recipe: Recipe, folds: list[int], args: argparse.Namespace, roo
     todo = []
     for fold in folds:
         run_dir = fold_dir(args.out, recipe.name, fold)
+        if not args.wait:
+            FoldLock(run_dir).probe()  # a fold being written now is refused before anything is launched
         complete = is_complete(run_dir)
-        recorded = complete or (args.resume and (run_dir / "config.yaml").is_file())
+        # A fold started but never checkpointed has nothing to resume: it does not hold a later launch to its recipe.
+        recorded = complete or (args.resume and (run_dir / "last.pt").is_file())
         differs = recipe_differences(run_dir, recipe, root_path, folds_digest) if recorded else []
         if args.predict_only:  # predicting again with other TTA or store settings is what it is for
             differs = [k for k in differs if not k.startswith(("tta.", "oof."))]
@@ -208,6 +239,8 @@ def run_experiment(name: str, base: dict[str, Any], args: argparse.Namespace, ar
     if args.launcher != "none":  # the jobs import the training stack; the launcher needs only the run folders
         root = open_root(recipe.data.root, class_map=recipe.data.class_map)
         fit_recipe_to_root(recipe, root)
+        if args.weights_path and not args.predict_only:
+            check_initial_weights(args.weights_path, recipe, root.num_classes)
         ensure_folds(root, recipe.data.k_folds, recipe.data.fold_seed)
         todo = folds_to_run(recipe, folds, args, root.path, folds_sha256(root))
         if args.retrain:
@@ -224,6 +257,8 @@ def run_experiment(name: str, base: dict[str, Any], args: argparse.Namespace, ar
                       "try --preset demo for a CPU-sized run", stacklevel=1)
     root = open_root(recipe.data.root, class_map=recipe.data.class_map)
     notes = fit_recipe_to_root(recipe, root)
+    if args.weights_path and not args.predict_only:
+        check_initial_weights(args.weights_path, recipe, root.num_classes)
     if dist.is_main:
         ensure_folds(root, recipe.data.k_folds, recipe.data.fold_seed)
     barrier()

@@ -1,4 +1,4 @@
-"""The run folder of one experiment and fold (``runs/<experiment>/fold<k>/``): its record and its state.
+"""The run folder of one experiment and fold (``runs/<experiment>/fold<k>/``): its record, its state, its writer.
 
 ``config.yaml`` records the resolved recipe a fold was trained with; :func:`recipe_differences` compares it
 with the recipe of a new launch so that a finished fold is never silently reused under another recipe.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import fcntl
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -152,3 +153,90 @@ def update_job_record(run_dir: Path, **fields: Any) -> dict[str, Any]:
         record.update(fields)
         write_text(run_dir / JOB, json.dumps(record, indent=2) + "\n")
     return record
+
+
+LOCK = ".fold.lock"
+
+
+class FoldBusy(OSError):
+    """Another process is writing the fold; the message names it."""
+
+
+class FoldLock:
+    """The one writer of a fold folder: an exclusive ``flock`` on ``<fold>/.fold.lock``, taken before the first
+    write and held to the end, with its holder (host, pid, job id, start time) written inside.
+
+    The kernel releases a ``flock`` when its process dies, so the lock of a killed run is free again at once;
+    the next holder says whose lock it took over. A second launch of a fold that is being written is refused
+    naming the holder, or waits for it (``wait``).
+
+    Args:
+        run_dir: the fold folder (created when missing).
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK
+        self._file: Any = None
+
+    def holder(self) -> str:
+        """Who the lock file says holds (or last held) the lock."""
+        try:
+            record = json.loads(self.path.read_text())
+            return (f"pid {record['pid']} on {record['host']} (job {record['job_id']}), "
+                    f"since {record['started']}")
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process"
+
+    def acquire(self, wait: bool = False, log: Any = print) -> FoldLock:
+        """Take the lock; raise FoldBusy naming the holder when it is held and ``wait`` is False."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a+")  # noqa: SIM115 - held open as long as the lock
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                self._file.close()
+                raise FoldBusy(f"{self.run_dir}: being written by {self.holder()}; wait for it to finish, or "
+                               "launch again with --wait") from None
+            log(f"{self.run_dir}: waiting for {self.holder()}")
+            fcntl.flock(self._file, fcntl.LOCK_EX)
+        self._file.seek(0)
+        previous = self._file.read().strip()
+        if previous:
+            log(f"{self.run_dir}: took over the lock of {self.holder()} (that process is gone)")
+        job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID") or "-"
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(json.dumps({"host": platform.node(), "pid": os.getpid(), "job_id": job_id,
+                                     "started": datetime.datetime.now().isoformat(timespec="seconds")}))
+        self._file.flush()
+        return self
+
+    def release(self) -> None:
+        """Empty the record and let go (the file stays: removing it would race with a waiting process)."""
+        if self._file is not None:
+            self._file.seek(0)
+            self._file.truncate()
+            self._file.flush()
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    def probe(self) -> None:
+        """Raise FoldBusy when the fold is being written now; take nothing (the launcher checks before jobs)."""
+        if not self.path.is_file():
+            return
+        with open(self.path) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise FoldBusy(f"{self.run_dir}: being written by {self.holder()}; wait for it to finish, or "
+                               "launch again with --wait") from None
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+    def __enter__(self) -> FoldLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,9 +1,11 @@
 """Where every fold stands, from the run folders alone: ``python -m kfold.status [--out runs] [EXP ...]``.
 
 One row per experiment and fold: ``complete`` (OOF mIoU), ``running`` (epoch e/E, last validation mIoU, job),
-``failed`` (the last error line and the log), ``pending`` (submitted, not started) or ``missing``. A job record
-that says running or pending but whose process is gone (same host only) counts as failed: a SIGKILL or an
-out-of-memory kill leaves no other trace. Exit code 1 when any fold failed. Torch-free.
+``failed`` (the last error line and the log), ``pending`` (submitted, not started), ``corrupt`` (a record that
+exists but cannot be read: ``job.json``, ``manifest.json`` or ``config.yaml``, named) or ``missing``. A job
+record that says running or pending but whose process is gone (same host only) counts as failed: a SIGKILL or
+an out-of-memory kill leaves no other trace. Exit code 1 when any fold failed or is corrupt; 2 for an
+experiment name that is not under ``--out`` (the line names those that are). Torch-free.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from typing import Any
 import yaml
 
 from foldwise.cli import ArgumentParser, run_entry_point
-from kfold.rundir import CONFIG, fold_dir, read_job_record
-from kfold.store.format import MANIFEST, is_complete
+from foldwise.io import read_text
+from kfold.rundir import CONFIG, JOB, fold_dir, read_job_record
+from kfold.store.format import MANIFEST, is_complete, list_experiments
 
-STATES = ("complete", "running", "pending", "failed", "missing")
+STATES = ("complete", "running", "pending", "failed", "corrupt", "missing")
+BAD = ("failed", "corrupt")
 
 
 def _alive(pid: Any) -> bool:
@@ -78,8 +82,27 @@ def _progress(run_dir: Path) -> str:
     return f"{unit} {metrics.get(unit, '?')}/{total}" + (f", val mIoU {float(miou):.4f}" if miou else "")
 
 
+def _corrupt_record(run_dir: Path) -> str | None:
+    """``<file>: <why>`` for the first record of the fold that exists but cannot be read, else None."""
+    for name, parse in ((MANIFEST, json.loads), (JOB, json.loads), (CONFIG, yaml.safe_load)):
+        path = run_dir / name
+        if not path.exists():
+            continue
+        try:
+            data = parse(read_text(path))
+        except (OSError, ValueError, yaml.YAMLError) as err:
+            why = " ".join(str(err).removeprefix(f"{path}: ").split())[:120]
+            return f"{path}: {why}"
+        if not isinstance(data, dict) or (name == CONFIG and not isinstance(data.get("recipe"), dict)):
+            return f"{path}: not the record foldwise writes (expected a mapping)"
+    return None
+
+
 def fold_status(run_dir: Path) -> tuple[str, str]:
     """(state, detail) of one fold folder."""
+    corrupt = _corrupt_record(run_dir)
+    if corrupt:
+        return "corrupt", corrupt
     if is_complete(run_dir):
         manifest = json.loads((run_dir / MANIFEST).read_text())
         miou = manifest.get("oof_miou")
@@ -106,12 +129,6 @@ def fold_status(run_dir: Path) -> tuple[str, str]:
     return "missing", ""
 
 
-def experiments(out: Path) -> list[str]:
-    if not out.is_dir():
-        return []
-    return sorted(p.name for p in out.iterdir() if p.is_dir() and any(p.glob("fold*")))
-
-
 def k_folds(exp_dir: Path) -> int:
     """The experiment's fold count from any fold's recorded recipe (5 when nothing is recorded)."""
     for run_dir in sorted(exp_dir.glob("fold*")):
@@ -122,6 +139,11 @@ def k_folds(exp_dir: Path) -> int:
 
 
 def status_rows(out: Path, names: Sequence[str]) -> list[dict[str, Any]]:
+    known = list_experiments(out)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        where = f"experiments there: {', '.join(known)}" if known else "it holds no experiment"
+        raise LookupError(f"{out}: no experiment {unknown[0]!r} ({where})")
     rows = []
     for name in names:
         for fold in range(k_folds(out / name)):
@@ -149,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         if args.watch is not None and args.watch <= 0:
             raise ValueError(f"--watch {args.watch}: must be > 0 seconds")
-        names = args.names or experiments(args.out)
+        names = args.names or list_experiments(args.out)
         if not names:
             raise FileNotFoundError(f"{args.out}: no experiments found")
         while True:
@@ -158,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("\033[H\033[J" + time.strftime("%H:%M:%S"), end="  ")
             print(format_rows(rows), flush=True)
             if args.watch is None:
-                return 1 if any(r["state"] == "failed" for r in rows) else 0
+                return 1 if any(r["state"] in BAD for r in rows) else 0
             time.sleep(args.watch)
 
     return run_entry_point(body, args.debug, interrupted="")

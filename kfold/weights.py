@@ -57,10 +57,15 @@ def rename_keys(state: Mapping[str, torch.Tensor], key_map: Mapping[str, str]) -
         except re.error as err:
             raise ValueError(f"model.init_key_map: {pattern!r} is not a regular expression ({err})") from None
     renamed: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
+    source: dict[str, str] = {}
+    for original, value in state.items():
+        key = original
         for regex, replacement in patterns:
             key = regex.sub(replacement, key)
-        renamed[key] = value
+        if key in renamed:  # a silent overwrite would drop tensors
+            raise ValueError(f"model.init_key_map / --map: {source[key]!r} and {original!r} both become {key!r}; "
+                             "make the patterns keep keys apart")
+        renamed[key], source[key] = value, original
     return renamed
 
 
