@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from foldwise.cli import ArgumentParser, run_entry_point
-from kfold.config import ConfigError, Recipe, build_recipe, load_recipe, parse_opts, set_key
+from kfold.config import PRESETS, ConfigError, Recipe, build_recipe, load_recipe, parse_opts, set_key
 from kfold.launch import add_launcher_args, check_launcher_args, launch
 from kfold.rundir import FoldLock, clear_fold, describe_difference, fold_dir, recipe_differences, write_config
 from kfold.store.format import is_complete
@@ -33,7 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(description="Train and predict the folds of one experiment.")
     p.add_argument("--fold", default="all", help="'all' (default), one fold '0' or a list '0,2,4'")
     p.add_argument("--data-root", "--data_root", dest="data_root", help="dataset root (default: data.root)")
-    p.add_argument("--preset", default="full", help="full (the reference recipe), demo (CPU-sized) or smoke")
+    p.add_argument("--preset", default="full", choices=tuple(PRESETS),
+                   help="full (the reference recipe, default), demo (CPU-sized) or smoke (seconds)")
     p.add_argument("--config", help="repeat a run: read the recipe from its config.yaml (presets are not applied)")
     p.add_argument("--batch_size", "--batch-size", type=int)
     p.add_argument("--num_workers", "--num-workers", type=int)
@@ -99,6 +100,11 @@ def run_fold(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[str, int],
     run_dir = fold_dir(args.out, recipe.name, fold)
     lock = FoldLock(run_dir).acquire(wait=args.wait) if dist.is_main else None  # before the first write
     try:
+        if args.wait and not dist.enabled:  # what we waited for may have finished the fold meanwhile
+            from kfold.splits import folds_sha256
+
+            if not folds_to_run(recipe, [fold], args, root.path, folds_sha256(root)):
+                return
         _train_and_predict(recipe, root, fold, fold_of, args, dist, notes, run_dir)
     finally:
         if lock is not None:
@@ -176,7 +182,7 @@ def folds_to_run(recipe: Recipe, folds: list[int], args: argparse.Namespace, roo
             FoldLock(run_dir).probe()  # a fold being written now is refused before anything is launched
         complete = is_complete(run_dir)
         # A fold started but never checkpointed has nothing to resume: it does not hold a later launch to its recipe.
-        recorded = complete or (args.resume and (run_dir / "last.pt").is_file())
+        recorded = complete or (args.resume and all((run_dir / f).is_file() for f in ("last.pt", "config.yaml")))
         differs = recipe_differences(run_dir, recipe, root_path, folds_digest) if recorded else []
         if args.predict_only:  # predicting again with other TTA or store settings is what it is for
             differs = [k for k in differs if not k.startswith(("tta.", "oof."))]

@@ -8,6 +8,7 @@ Torch-free: the launcher and ``kfold.status`` read run folders without the train
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -163,12 +164,14 @@ class FoldBusy(OSError):
 
 
 class FoldLock:
-    """The one writer of a fold folder: an exclusive ``flock`` on ``<fold>/.fold.lock``, taken before the first
-    write and held to the end, with its holder (host, pid, job id, start time) written inside.
+    """The one writer of a fold folder: an exclusive lock on ``<fold>/.fold.lock``, taken before the first write
+    and held to the end, with its holder (host, pid, job id, start time) written inside.
 
-    The kernel releases a ``flock`` when its process dies, so the lock of a killed run is free again at once;
-    the next holder says whose lock it took over. A second launch of a fold that is being written is refused
-    naming the holder, or waits for it (``wait``).
+    A POSIX record lock (``lockf``): the kernel releases it when its process dies, and unlike ``flock`` it is
+    not shared with forked children (DataLoader workers), so the lock of a killed run is free at once; the
+    next holder says whose lock it took over. A second launch of a fold that is being written is refused
+    naming the holder, or waits for it (``wait``). The lock file is opened once per holder: closing any other
+    descriptor of it in the same process would drop a POSIX lock.
 
     Args:
         run_dir: the fold folder (created when missing).
@@ -179,38 +182,48 @@ class FoldLock:
         self.path = self.run_dir / LOCK
         self._file: Any = None
 
-    def holder(self) -> str:
-        """Who the lock file says holds (or last held) the lock."""
+    @staticmethod
+    def describe(record: str) -> str:
+        """Who a lock file's text says holds (or last held) the lock."""
         try:
-            record = json.loads(self.path.read_text())
-            return (f"pid {record['pid']} on {record['host']} (job {record['job_id']}), "
-                    f"since {record['started']}")
-        except (OSError, ValueError, KeyError, TypeError):
+            data = json.loads(record)
+            return f"pid {data['pid']} on {data['host']} (job {data['job_id']}), since {data['started']}"
+        except (ValueError, KeyError, TypeError):
             return "another process"
+
+    def _busy(self, file: Any) -> FoldBusy:
+        file.seek(0)
+        return FoldBusy(f"{self.run_dir}: being written by {self.describe(file.read())}; wait for it to finish, "
+                        "or launch again with --wait")
 
     def acquire(self, wait: bool = False, log: Any = print) -> FoldLock:
         """Take the lock; raise FoldBusy naming the holder when it is held and ``wait`` is False."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a+")  # noqa: SIM115 - held open as long as the lock
+        file = open(self.path, "a+")  # noqa: SIM115 - held open as long as the lock
         try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not wait:
-                self._file.close()
-                raise FoldBusy(f"{self.run_dir}: being written by {self.holder()}; wait for it to finish, or "
-                               "launch again with --wait") from None
-            log(f"{self.run_dir}: waiting for {self.holder()}")
-            fcntl.flock(self._file, fcntl.LOCK_EX)
-        self._file.seek(0)
-        previous = self._file.read().strip()
+            fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):  # no locks on this file system: run, and say so
+                log(f"{self.run_dir}: no lock on this file system ({err.strerror}); one writer per fold is "
+                    "not enforced")
+            elif not wait:
+                busy = self._busy(file)
+                file.close()
+                raise busy from None
+            else:
+                log(str(self._busy(file)).replace("being written by", "waiting for", 1).split("; wait")[0])
+                fcntl.lockf(file, fcntl.LOCK_EX)
+        file.seek(0)
+        previous = file.read().strip()
         if previous:
-            log(f"{self.run_dir}: took over the lock of {self.holder()} (that process is gone)")
+            log(f"{self.run_dir}: took over the lock of {self.describe(previous)} (that process is gone)")
         job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID") or "-"
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(json.dumps({"host": platform.node(), "pid": os.getpid(), "job_id": job_id,
-                                     "started": datetime.datetime.now().isoformat(timespec="seconds")}))
-        self._file.flush()
+        file.seek(0)
+        file.truncate()
+        file.write(json.dumps({"host": platform.node(), "pid": os.getpid(), "job_id": job_id,
+                               "started": datetime.datetime.now().isoformat(timespec="seconds")}))
+        file.flush()
+        self._file = file
         return self
 
     def release(self) -> None:
@@ -219,21 +232,25 @@ class FoldLock:
             self._file.seek(0)
             self._file.truncate()
             self._file.flush()
-            fcntl.flock(self._file, fcntl.LOCK_UN)
+            fcntl.lockf(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
 
     def probe(self) -> None:
-        """Raise FoldBusy when the fold is being written now; take nothing (the launcher checks before jobs)."""
+        """Raise FoldBusy when the fold is being written now; take nothing (the launcher checks before jobs).
+
+        Call it only where this process does not hold the fold's lock (closing the probe's descriptor would
+        drop it)."""
         if not self.path.is_file():
             return
-        with open(self.path) as f:
+        with open(self.path, "a+") as file:
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise FoldBusy(f"{self.run_dir}: being written by {self.holder()}; wait for it to finish, or "
-                               "launch again with --wait") from None
-            fcntl.flock(f, fcntl.LOCK_UN)
+                fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno in (errno.EACCES, errno.EAGAIN):
+                    raise self._busy(file) from None
+                return
+            fcntl.lockf(file, fcntl.LOCK_UN)
 
     def __enter__(self) -> FoldLock:
         return self

@@ -213,7 +213,7 @@ def test_two_launches_of_one_fold_one_waits_or_is_refused_and_a_dead_holder_is_t
     out = tmp_path / "runs"
     fold = out / "exp093_2" / "fold0"
     args = ["experiments/exp093_2.py", "--fold", "0", "--data-root", str(synthetic_root), "--out", str(out), *SMOKE,
-            "--opts", "schedule.epochs", "6"]
+            "--opts", "schedule.epochs", "20"]  # long enough for the two other launches to meet it
     first = subprocess.Popen([sys.executable, *args], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
@@ -224,12 +224,16 @@ def test_two_launches_of_one_fold_one_waits_or_is_refused_and_a_dead_holder_is_t
         second = run(*args, "--opts", "optim.lr", "0.002")
         line = one_error(second, str(fold), f"pid {first.pid}", "--wait")
         assert "being written by" in line
-        waiting = run(*args, "--wait")  # returns once the first is done, then finds the fold complete
-        assert waiting.returncode == 0, waiting.stderr[-2000:]
-        assert "complete, skipped" in waiting.stdout
+        waiting = subprocess.Popen([sys.executable, *args, "--wait"], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        out_wait, err_wait = waiting.communicate(timeout=300)  # it waits for the first, then finds the fold done
+        assert waiting.returncode == 0, err_wait[-2000:]
+        assert "waiting for pid" in out_wait and "complete, skipped" in out_wait, out_wait[-2000:]
+        first.communicate(timeout=300)
     finally:
-        first.kill() if first.poll() is None else None
-        first.wait()
+        if first.poll() is None:  # a failed check above: do not leave it running
+            first.kill()
+            first.wait()
     assert first.returncode == 0
     manifest = (fold / "manifest.json").read_bytes()
 
