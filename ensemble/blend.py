@@ -35,7 +35,7 @@ from ensemble.passes import predict_test, release_freed_heap, score_full_res, wa
 from ensemble.plots import plot_per_class, plot_weights
 from ensemble.record import BlendRecord
 from ensemble.stores import Members, build_sample, open_members
-from foldwise.cli import ArgumentParser, run_entry_point
+from foldwise.cli import ArgumentParser, at_least, run_entry_point
 from foldwise.io import check_writable
 from foldwise.leaderboard import leaderboard_row
 from kfold.metrics import iou_per_class, mean_iou, pixel_accuracy
@@ -56,7 +56,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="blend name (default blend_<method>_<members>)")
     p.add_argument("--data-root", type=Path, default=None, help="default: the data root the stores recorded")
     p.add_argument("--pixels", type=int, default=300_000, help="OOF pixel sample size for the fit")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=at_least(0), default=0)
     p.add_argument("--order", choices=("C", "F"), default="C", help="RLE pixel order of the submission")
     p.add_argument("--no-temperature", action="store_true", help="keep every temperature at 1")
     p.add_argument("--dry-run", action="store_true", help="report without writing anything")
@@ -78,8 +78,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--workers must be >= 1, got {args.workers}")
     if args.chunk < 1:
         p.error(f"--chunk must be >= 1, got {args.chunk}")
-    if args.seed < 0:
-        p.error(f"--seed must be >= 0, got {args.seed}")
     if args.pixels < 1:
         p.error(f"--pixels must be >= 1, got {args.pixels}")
     return args

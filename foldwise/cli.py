@@ -31,6 +31,22 @@ class ArgumentParser(argparse.ArgumentParser):
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # terminal colour and cursor codes other libraries put in messages
 
 
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``low``; argparse's error then names the flag as the user typed it."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def one_line(err: BaseException) -> str:
     """The message of ``err`` on one line (tracebacks of nested tools can carry newlines), without terminal
     escape codes and without an ``error:`` prefix of its own (the entry point adds one)."""

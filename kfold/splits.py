@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
-from foldwise.cli import ArgumentParser, run_entry_point
+from foldwise.cli import ArgumentParser, at_least, run_entry_point
 from foldwise.io import read_text, write_text
 from kfold.data.layout import DataError, DataRoot, open_root, read_label
 
@@ -219,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m kfold.splits", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", type=Path, required=True)
     parser.add_argument("--k", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=at_least(0), default=42)
     args = parser.parse_args(argv)
 
     def body() -> None:

@@ -165,6 +165,9 @@ def test_a_full_disk_names_the_file_and_keeps_what_was_written(synthetic_root, s
 @pytest.mark.e2e
 def test_flags_are_named_as_typed(synthetic_root, stores, tmp_path) -> None:
     one_error(blend(stores, tmp_path / "sub", "--seed", "-1"), "--seed")
+    one_error(run("-m", "kfold.data.synthetic", "--out", str(tmp_path / "d"), "--seed", "-1"), "--seed", "-1")
+    one_error(run("-m", "kfold.splits", "--data-root", str(synthetic_root), "--seed", "-1"), "--seed", "-1")
+    assert not (tmp_path / "d").exists()
     images = synthetic_root / "test" / "images"
     record = tmp_path / "subs"
     record.mkdir()

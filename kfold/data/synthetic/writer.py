@@ -27,7 +27,7 @@ from tqdm import tqdm
 from kfold.data.layout import DEFAULT_CLASSES, IGNORE_INDEX
 from kfold.data.synthetic.render import render_view
 from kfold.data.synthetic.rooms import build_room
-from foldwise.cli import ArgumentParser, run_entry_point
+from foldwise.cli import ArgumentParser, at_least, run_entry_point
 from foldwise.io import atomic_path, staged_folder, write_text
 
 
@@ -159,11 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: write the dataset, then print the pixel share of every class."""
     parser = ArgumentParser(prog="python -m kfold.data.synthetic", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="dataset root to create (new or empty)")
-    parser.add_argument("--train", type=int, default=400)
-    parser.add_argument("--test", type=int, default=100)
+    parser.add_argument("--train", type=at_least(1), default=400)
+    parser.add_argument("--test", type=at_least(0), default=100)
     parser.add_argument("--size", type=_size, default=(240, 320))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--views-per-room", type=int, default=4)
+    parser.add_argument("--seed", type=at_least(0), default=0)
+    parser.add_argument("--views-per-room", type=at_least(1), default=4)
     args = parser.parse_args(argv)
     return run_entry_point(lambda: _write_and_report(args), args.debug)
 
