@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from foldwise.io import read_text, write_json
+from foldwise.io import read_json_object, write_json
 
 Scores = dict[str, Any]  # {"miou", "pixel_acc", "per_class_iou": {class: IoU}}
 REQUIRED = ("members", "weights", "temperatures", "classes")
@@ -94,12 +94,7 @@ def read_blend_record(path: Path) -> BlendRecord:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: blend record not found (ensemble/blend.py writes submissions/NAME.json)")
-    try:
-        data = json.loads(read_text(path))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: not a blend record (expected a JSON object)")
+    data = read_json_object(path)
     missing = [k for k in REQUIRED if k not in data]
     if missing:
         raise ValueError(f"{path}: no key {missing[0]!r}; is this a blend record?")

@@ -202,3 +202,14 @@ def staged_folder(out: str | os.PathLike) -> Iterator[Path]:
         raise failed from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON record that must be an object; ValueError naming the file when it is not valid JSON or not one."""
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return data

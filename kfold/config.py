@@ -163,20 +163,19 @@ _CPU_SIZED: dict[str, Any] = {
     "train.batch_size": 4,  # the reference batch: a larger one halves the steps of a short demo run
     "tta.scales": (1.0,),
 }
+# The keys a preset caps after the experiment's own: those that set a run's length and size.
+_LENGTH_KEYS = ("schedule.epochs", "train.batch_size", "optim.freeze_encoder_epochs", "schedule.iterations",
+                "schedule.warmup_iterations", "train.eval_every", "train.checkpoint_every")
 PRESETS: dict[str, Preset] = {
     "full": Preset(),
     "demo": Preset(
         values={**_CPU_SIZED, "optim.lr": 3e-3, "schedule.epochs": 10, "schedule.warmup_epochs": 1,
                 "train.ema_decay": 0.9, "tta.max_batch": 32, "oof.batch_size": 16},
-        limits={"schedule.epochs": 10, "train.batch_size": 4, "optim.freeze_encoder_epochs": 2,
-                "schedule.iterations": 400, "schedule.warmup_iterations": 40, "train.eval_every": 40,
-                "train.checkpoint_every": 40}),
+        limits=dict(zip(_LENGTH_KEYS, (10, 4, 2, 400, 40, 40, 40)))),
     "smoke": Preset(
         values={**_CPU_SIZED, "optim.lr": 1e-3, "schedule.epochs": 2, "train.ema_decay": 0.5,
                 "train.max_steps_per_epoch": 3, "tta.max_batch": 16, "oof.batch_size": 8},
-        limits={"schedule.epochs": 2, "train.batch_size": 4, "optim.freeze_encoder_epochs": 1,
-                "schedule.iterations": 6, "schedule.warmup_iterations": 2, "train.eval_every": 3,
-                "train.checkpoint_every": 3}),
+        limits=dict(zip(_LENGTH_KEYS, (2, 4, 1, 6, 2, 3, 3)))),
 }
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from foldwise.io import read_text
+from foldwise.io import read_json_object, read_text
 
 MANIFEST = "manifest.json"
 STORE_DTYPE = "float16"
@@ -138,11 +138,9 @@ def load_manifest(name: str, fold: int, path: Path) -> StoreManifest:
     if not file.is_file():
         raise StoreError(f"{name} fold {fold}: {file} missing (fold not complete)")
     try:
-        data = json.loads(read_text(file))
+        data = read_json_object(file)
     except (OSError, ValueError) as err:
-        raise StoreError(f"{name} fold {fold}: {file} unreadable ({err})") from None
-    if not isinstance(data, dict):
-        raise StoreError(f"{name} fold {fold}: {file} is not a JSON object")
+        raise StoreError(f"{name} fold {fold}: {str(err).replace(f'{file}: ', f'{file} unreadable: ', 1)}") from None
     if data.get("status") != "complete":
         raise StoreError(f"{name} fold {fold}: {file} status {data.get('status')!r} (fold not complete)")
     manifest = StoreManifest.from_dict(data, f"{name} fold {fold}: {file}")
