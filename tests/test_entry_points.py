@@ -93,8 +93,12 @@ def test_every_entry_point_answers_bad_input_with_one_error_line(tmp_path, not_h
 
 
 def test_debug_shows_the_traceback(tmp_path) -> None:
-    proc = run("-m", "kfold.data.synthetic", "--out", str(tmp_path / "s"), "--train", "-3", "--debug")
-    assert proc.returncode == 2 and "Traceback" in proc.stderr and proc.stderr.strip().endswith("must be at least 1")
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "keep.txt").write_text("mine")
+    proc = run("-m", "kfold.data.synthetic", "--out", str(used), "--train", "3", "--debug")
+    assert proc.returncode == 2 and "Traceback" in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {used}: output folder exists and is not empty")
 
 
 def test_an_import_that_fails_half_way_leaves_nothing_that_looks_like_a_root(tmp_path) -> None:

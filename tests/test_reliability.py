@@ -162,22 +162,34 @@ def test_a_full_disk_names_the_file_and_keeps_what_was_written(synthetic_root, s
     assert not data.exists() and not list(tmp_path.glob(".data*"))
 
 
-@pytest.mark.e2e
-def test_flags_are_named_as_typed(synthetic_root, stores, tmp_path) -> None:
-    one_error(blend(stores, tmp_path / "sub", "--seed", "-1"), "--seed")
-    one_error(run("-m", "kfold.data.synthetic", "--out", str(tmp_path / "d"), "--seed", "-1"), "--seed", "-1")
-    one_error(run("-m", "kfold.splits", "--data-root", str(synthetic_root), "--seed", "-1"), "--seed", "-1")
-    assert not (tmp_path / "d").exists()
-    images = synthetic_root / "test" / "images"
+def test_flags_are_named_as_typed(synthetic_root, stores, tmp_path, capsys) -> None:
+    """The entry points' own main(), as the command line calls them (in this process: no training here)."""
+    from ensemble.blend import main as blend_main
+    from ensemble.predict import main as predict_main
+    from kfold.data.synthetic import main as synthetic_main
+    from kfold.splits import main as splits_main
+
+    def refused(main, argv: list[str], *words: str) -> None:
+        try:
+            code = main(argv)
+        except SystemExit as done:  # argparse's own refusals
+            code = done.code
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+        assert all(word in lines[0] for word in words), (words, lines[0])
+
+    refused(blend_main, ["--runs-dir", str(stores), "--out-dir", str(tmp_path / "sub"), "--seed", "-1"], "--seed")
+    refused(synthetic_main, ["--out", str(tmp_path / "d"), "--seed", "-1"], "--seed", "-1")
+    refused(splits_main, ["--data-root", str(synthetic_root), "--seed", "-1"], "--seed", "-1")
     record = tmp_path / "subs"
     record.mkdir()
     (record / "rgbd.json").write_text(json.dumps({"name": "rgbd", "members": ["exp_a"], "weights": [1.0],
                                                   "temperatures": [1.0], "classes": []}))
-    common = ["-m", "ensemble.predict", "--blend", "rgbd", "--runs-dir", str(stores), "--submissions", str(record),
-              "--images", str(images), "--out", str(tmp_path / "masks")]
-    one_error(run(*common, "--tta-scales", "-1"), "--tta-scales", "-1")
-    one_error(run(*common, "--depths", str(tmp_path / "no_depths")), "--depths", str(tmp_path / "no_depths"))
-    assert not (tmp_path / "masks").exists()
+    common = ["--blend", "rgbd", "--runs-dir", str(stores), "--submissions", str(record),
+              "--images", str(synthetic_root / "test" / "images"), "--out", str(tmp_path / "masks")]
+    refused(predict_main, [*common, "--tta-scales", "-1"], "--tta-scales", "-1")
+    refused(predict_main, [*common, "--depths", str(tmp_path / "no_depths")], "--depths", str(tmp_path / "no_depths"))
+    assert not (tmp_path / "masks").exists() and not (tmp_path / "d").exists() and not (tmp_path / "sub").exists()
 
 
 # ------------------------------------------------------------------------------------- records read strictly
