@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -42,20 +43,17 @@ def check_writable(path: str | os.PathLike) -> Path:
 def _remove_stale_temporaries(path: Path) -> None:
     """Remove temporaries of ``path`` left by writers of this host that were killed (their pid is gone)."""
     pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[^.]+\.tmp")
-    for stale in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         match = pattern.fullmatch(stale.name)
-        if match and not _alive(int(match.group(1))):
+        if match and not pid_alive(match.group(1)):
             stale.unlink(missing_ok=True)
 
 
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
-
-
-def _alive(pid: int) -> bool:
+def pid_alive(pid: object) -> bool:
+    """Whether process ``pid`` of this host exists (someone else's counts); False for what is not a pid."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        os.kill(int(pid), 0)  # type: ignore[call-overload]
+    except (ProcessLookupError, ValueError, TypeError, OverflowError):
         return False
     except PermissionError:
         return True

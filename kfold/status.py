@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import socket
 import sys
 import time
@@ -23,22 +22,12 @@ from typing import Any
 import yaml
 
 from foldwise.cli import ArgumentParser, run_entry_point
-from foldwise.io import read_text
+from foldwise.io import pid_alive, read_text
 from kfold.rundir import CONFIG, JOB, fold_dir, read_job_record
 from kfold.store.format import MANIFEST, is_complete, list_experiments
 
 STATES = ("complete", "running", "pending", "failed", "corrupt", "missing")
 BAD = ("failed", "corrupt")
-
-
-def _alive(pid: Any) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError, TypeError):
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def _last_metrics(run_dir: Path) -> dict[str, str]:
@@ -112,11 +101,11 @@ def fold_status(run_dir: Path) -> tuple[str, str]:
     log = record.get("stderr", "")
     here = record.get("host") in (None, socket.gethostname())
     if state in ("running", "requeued"):
-        if here and record.get("pid") and not _alive(record["pid"]) and state == "running":
+        if here and record.get("pid") and not pid_alive(record["pid"]) and state == "running":
             return "failed", f"job {job}: process {record['pid']} ended without a record (killed?); log {log}"
         return "running", f"{_progress(run_dir)}, job {job}" + (" (requeued)" if state == "requeued" else "")
     if state == "pending":
-        if record.get("launcher") == "local" and not _alive(job):
+        if record.get("launcher") == "local" and not pid_alive(job):
             return "failed", f"job {job}: ended before it started; log {log}"
         return "pending", f"job {job}, submitted {record.get('submitted', '?')}"
     if state == "failed":
