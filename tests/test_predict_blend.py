@@ -31,7 +31,7 @@ def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 def blended(smoke_runs, tmp_path_factory) -> Path:
     """An RGB and an RGB-D smoke experiment, blended with per-class weights into subs/pb.csv."""
     base = tmp_path_factory.mktemp("product")
-    shutil.copytree(smoke_runs, base / "runs")
+    shutil.copytree(smoke_runs, base / "runs", ignore=shutil.ignore_patterns("last.pt"))  # resumable state: unused
     proc = run("ensemble/blend.py", "--runs-dir", str(base / "runs"), "--per-class", "--name", "pb", "--out-dir",
                str(base / "subs"), "--workers", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
