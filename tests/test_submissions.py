@@ -363,7 +363,8 @@ def test_leaderboard_upsert_keeps_public_lb(tmp_path, capsys):
     upsert_leaderboard({"name": "exp1", "kind": "experiment", "public_lb": 0.49}, path)
     assert read_leaderboard(path).set_index("name").loc["exp1", "public_lb"] == 0.49
 
-    assert leaderboard_main(["--path", str(path)]) == 0
+    # --runs-dir: an empty folder, not the repository's runs/ (a user's make demo leaves experiments there)
+    assert leaderboard_main(["--path", str(path), "--runs-dir", str(tmp_path / "no_runs")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[1].split()[0] == "blend1" and out[2].split()[0] == "exp1"  # ranked by nested mIoU
     assert leaderboard_main(["--path", str(path), "--record-lb", "nope", "0.5"]) == 2
