@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from foldwise.cli import ArgumentParser, run_entry_point
-from kfold.config import PRESETS, ConfigError, Recipe, build_recipe, load_recipe, parse_opts, set_key
+from kfold.config import PRESETS, ConfigError, Recipe, build_recipe, load_recipe, parse_opts, set_key, tracker_list
 from kfold.launch import add_launcher_args, check_launcher_args, launch
 from kfold.rundir import FoldLock, clear_fold, describe_difference, fold_dir, recipe_differences, write_config
 from kfold.store.format import is_complete
+from kfold.track import prepare_experiment
 from kfold.validate import fit_recipe_to_root, validate_recipe
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from kfold.distributed import DistInfo
 
 log = logging.getLogger("kfold")
+STORE_FILES = ("oof.npy", "test.npy", "model.safetensors")  # a fold's trackers name these by path and sha256
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="runs", help="runs folder (default: runs)")
     p.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
                    help="override recipe keys, e.g. optim.lr 3e-4")
+    p.add_argument("--track", type=tracker_list, metavar="NAMES",
+                   help="train.track: mirror each fold's metrics to tensorboard, mlflow and/or wandb, e.g. "
+                        "tensorboard,mlflow ('none': no tracker)")
     p.add_argument("--wait", action="store_true",
                    help="when another process is writing a fold, wait for it instead of refusing")
     p.add_argument("--retrain", action="store_true",
@@ -61,7 +66,7 @@ def resolve_recipe(name: str, base: dict[str, Any], args: argparse.Namespace) ->
     recipe = load_recipe(args.config) if args.config else build_recipe(base, args.preset)
     recipe.name = name
     flags = {"data.root": args.data_root, "train.batch_size": args.batch_size, "data.num_workers": args.num_workers,
-             "data.buffer_batches": args.buffer_batches}
+             "data.buffer_batches": args.buffer_batches, "train.track": args.track}
     for key, value in {**{k: v for k, v in flags.items() if v is not None}, **opts}.items():
         set_key(recipe, key, value)
     return recipe
@@ -119,6 +124,7 @@ def _train_and_predict(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[
     from kfold.plots import plot_curves
     from kfold.splits import folds_sha256
     from kfold.store.write import format_final_table, predict_fold
+    from kfold.track import final_summary, open_fold
     from kfold.train import fit_fold
 
     train_ids = [i for i in root.train_ids if fold_of[i] != fold]
@@ -130,25 +136,33 @@ def _train_and_predict(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[
         for stale in run_dir.glob(".*.tmp"):  # left by a killed write; never read, only taking space
             stale.unlink(missing_ok=True)
         write_config(run_dir, recipe, root.path, fold, folds_sha256(root))
-    if not args.predict_only:
-        log.info("%s fold %d: %d train / %d validation images -> %s", recipe.name, fold, len(train_ids),
-                 len(val_ids), run_dir)
-        fit_fold(recipe, root, run_dir, train_ids, val_ids, dist, resume=args.resume,
-                 weights_path=args.weights_path)
+    tracking = open_fold(recipe, args.out, fold) if dist.is_main and recipe.train.track else None
+    try:
+        if not args.predict_only:
+            log.info("%s fold %d: %d train / %d validation images -> %s", recipe.name, fold, len(train_ids),
+                     len(val_ids), run_dir)
+            fit_fold(recipe, root, run_dir, train_ids, val_ids, dist, resume=args.resume,
+                     weights_path=args.weights_path, on_row=tracking.log_row if tracking else None)
+            if dist.is_main:
+                plot_curves(run_dir / "metrics.csv", run_dir / "plots" / "curves.png")
+        barrier()
         if dist.is_main:
-            plot_curves(run_dir / "metrics.csv", run_dir / "plots" / "curves.png")
-    barrier()
-    if dist.is_main:
-        weights = run_dir / "model.safetensors"
-        if not weights.exists():
-            raise FileNotFoundError(f"{weights}: no trained weights to predict from (train this fold first)")
-        model = model_from_recipe(recipe, root.num_classes, pretrained=False).to(dist.device)
-        load_weights(model, weights)
-        result = predict_fold(model, recipe, root, fold, val_ids, run_dir, dist.device, folds_sha256(root),
-                              recipe.name, amp=amp_dtype(recipe.train.amp, dist.device))
-        log.info("%s fold %d: OOF mIoU %.4f (TTA, full resolution)", recipe.name, fold, result["oof_miou"])
-        log.info("final metrics (%s):\n%s", run_dir / "final_metrics.csv",
-                 format_final_table((run_dir / "final_metrics.csv").read_text()))
+            weights = run_dir / "model.safetensors"
+            if not weights.exists():
+                raise FileNotFoundError(f"{weights}: no trained weights to predict from (train this fold first)")
+            model = model_from_recipe(recipe, root.num_classes, pretrained=False).to(dist.device)
+            load_weights(model, weights)
+            result = predict_fold(model, recipe, root, fold, val_ids, run_dir, dist.device, folds_sha256(root),
+                                  recipe.name, amp=amp_dtype(recipe.train.amp, dist.device))
+            log.info("%s fold %d: OOF mIoU %.4f (TTA, full resolution)", recipe.name, fold, result["oof_miou"])
+            log.info("final metrics (%s):\n%s", run_dir / "final_metrics.csv",
+                     format_final_table((run_dir / "final_metrics.csv").read_text()))
+            if tracking:
+                tracking.finish(final_summary(result), {f: run_dir / f for f in STORE_FILES})
+    except BaseException:
+        if tracking:
+            tracking.finish({}, ok=False)
+        raise
     barrier()
 
 
@@ -210,7 +224,7 @@ def clear_for_retrain(recipe: Recipe, folds: list[int], args: argparse.Namespace
             print(f"{recipe.name} fold {fold}: cleared for --retrain")
 
 
-def report_once(out: Path, name: str, root: DataRoot, keep_fold_test: bool = True) -> None:
+def report_once(out: Path, recipe: Recipe, root: DataRoot) -> None:
     """Make the experiment report and the fold-mean test store (``test_mean.npy``) unless a report newer than
     every fold's manifest exists; one process at a time.
 
@@ -218,7 +232,9 @@ def report_once(out: Path, name: str, root: DataRoot, keep_fold_test: bool = Tru
     them exactly once, by whichever gets there first.
     """
     from kfold.report import experiment_report
+    from kfold.track import finish_experiment
 
+    name = recipe.name
     exp_dir = Path(out) / name
     with open(exp_dir / ".report.lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -226,11 +242,13 @@ def report_once(out: Path, name: str, root: DataRoot, keep_fold_test: bool = Tru
         manifests = [p.stat().st_mtime for p in exp_dir.glob("fold*/manifest.json")]
         if marker.is_file() and manifests and marker.stat().st_mtime >= max(manifests):
             return
-        experiment_report(Path(out), name, root)
+        report = experiment_report(Path(out), name, root)
         from kfold.store.read import open_experiment
         from kfold.store.write import write_test_mean
 
-        write_test_mean(open_experiment(out, name), keep_fold_test)
+        write_test_mean(open_experiment(out, name), recipe.oof.keep_fold_test)
+        finish_experiment(recipe, out, {"oof_miou": report["oof_miou"], "oof_pixel_acc": report["pixel_acc"],
+                                        **{f"oof_iou/{c}": v for c, v in report["per_class_iou"].items()}})
 
 
 def run_experiment(name: str, base: dict[str, Any], args: argparse.Namespace, argv: list[str] | None = None) -> int:
@@ -251,6 +269,8 @@ def run_experiment(name: str, base: dict[str, Any], args: argparse.Namespace, ar
         todo = folds_to_run(recipe, folds, args, root.path, folds_sha256(root))
         if args.retrain:
             clear_for_retrain(recipe, todo, args, root.path, folds_sha256(root))
+        if todo:
+            prepare_experiment(recipe, args.out)
         return launch(name, base, args, todo, list(sys.argv[1:] if argv is None else argv))
     # The training stack is imported only once the command line and the recipe are known to be good.
     from kfold.distributed import barrier, cleanup, setup_distributed
@@ -272,11 +292,13 @@ def run_experiment(name: str, base: dict[str, Any], args: argparse.Namespace, ar
     todo = folds_to_run(recipe, folds, args, root.path, folds_sha256(root))
     if args.retrain and dist.is_main:
         clear_for_retrain(recipe, todo, args, root.path, folds_sha256(root))
+    if todo and dist.is_main:
+        prepare_experiment(recipe, args.out)
     for fold in todo:
         barrier()
         run_fold(recipe, root, fold, fold_of, args, dist, notes)
     if dist.is_main and all(is_complete(fold_dir(args.out, name, k)) for k in range(recipe.data.k_folds)):
-        report_once(Path(args.out), name, root, recipe.oof.keep_fold_test)
+        report_once(Path(args.out), recipe, root)
     cleanup()
     return 0
 

@@ -23,6 +23,7 @@ Arch = Literal["fpn", "deeplabv3plus"]
 DepthLoss = Literal["l1", "berhu", "none"]
 DepthTarget = Literal["sensor", "teacher", "hybrid"]
 Weighting = Literal["fixed", "kendall"]
+Tracker = Literal["tensorboard", "mlflow", "wandb"]
 
 
 class ConfigError(ValueError):
@@ -111,6 +112,8 @@ class TrainConfig:
     deterministic: bool = False
     eval_every: int = 0  # unit iterations: validate (one metrics.csv row) every N iterations; 0 = at the end
     checkpoint_every: int = 0  # unit iterations: last.pt every N iterations (a multiple of eval_every); 0 = eval_every
+    track: tuple[Tracker, ...] = ()  # mirror metrics.csv to these trackers (kfold.track); --track
+    mlflow_uri: str | None = None  # None: sqlite:///<runs folder>/mlflow.db
 
 
 @dataclass
@@ -296,6 +299,11 @@ def parse_opts(pairs: list[str]) -> dict[str, Any]:
     if len(pairs) % 2:
         raise ConfigError(f"--opts takes KEY VALUE pairs; {pairs[-1]!r} has no value")
     return {pairs[i]: parse_value(pairs[i + 1]) for i in range(0, len(pairs), 2)}
+
+
+def tracker_list(text: str) -> list[str]:
+    """``--track tensorboard,mlflow`` as a list (``none``: no tracker); the names are checked as ``train.track``."""
+    return [] if text.strip() == "none" else [part.strip() for part in text.split(",")]
 
 
 def build_recipe(base: dict[str, Any], preset: str = "full", opts: dict[str, Any] | None = None) -> Recipe:

@@ -30,7 +30,7 @@ CONFIG = "config.yaml"
 # Keys that cannot change what a fold learns or predicts: where and how fast the data is read, how many
 # images go through the model at once. A finished fold launched again with other values is still reused.
 RESULT_NEUTRAL_KEYS = ("name", "data.root", "data.shards", "data.num_workers", "oof.batch_size", "tta.max_batch",
-                       "oof.keep_fold_test")
+                       "oof.keep_fold_test", "train.track", "train.mlflow_uri")
 # A stream deals its shards to the loader workers: there the worker count changes the batches.
 STREAMING_RESULT_KEYS = ("data.num_workers",)
 
@@ -67,7 +67,7 @@ def write_config(run_dir: Path, recipe: Recipe, data_root: Path, fold: int, fold
     write_text(run_dir / CONFIG, yaml.safe_dump(info, sort_keys=False))
 
 
-def _flatten(recipe: dict[str, Any]) -> dict[str, Any]:
+def flatten_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
     """``{"optim.lr": 1e-4, ...}``: one entry per recipe key; mapping values (class weights, key maps) whole."""
     return {f"{section}.{key}" if isinstance(fields, dict) else section: value
             for section, fields in recipe.items()
@@ -89,10 +89,10 @@ def recipe_differences(run_dir: Path, recipe: Recipe, data_root: Path | None = N
     """
     try:
         record = yaml.safe_load(read_text(run_dir / CONFIG))
-        old = _flatten(record["recipe"])
+        old = flatten_recipe(record["recipe"])
     except (OSError, yaml.YAMLError, TypeError, KeyError):
         return [CONFIG]
-    new = _flatten(to_dict(recipe))
+    new = flatten_recipe(to_dict(recipe))
     neutral = set(RESULT_NEUTRAL_KEYS) - (set(STREAMING_RESULT_KEYS) if recipe.data.streaming else set())
     keys = sorted(k for k in set(old) | set(new) if k not in neutral and old.get(k) != new.get(k))
     if data_root is not None and record.get("data_root") != str(Path(data_root).resolve()):
@@ -105,10 +105,10 @@ def recipe_differences(run_dir: Path, recipe: Recipe, data_root: Path | None = N
 def describe_difference(run_dir: Path, recipe: Recipe, keys: list[str]) -> str:
     """``optim.lr 0.0001 -> 0.0003`` for the first few differing keys."""
     try:
-        old = _flatten(yaml.safe_load(read_text(run_dir / CONFIG))["recipe"])
+        old = flatten_recipe(yaml.safe_load(read_text(run_dir / CONFIG))["recipe"])
     except (OSError, yaml.YAMLError, TypeError, KeyError):
         old = {}
-    new = _flatten(to_dict(recipe))
+    new = flatten_recipe(to_dict(recipe))
     parts = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" if k in new else k for k in keys[:4]]
     return ", ".join(parts) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -362,7 +362,8 @@ class IterationPlan:
 
 
 def fit_fold(recipe: Recipe, root: DataRoot, run_dir: Path, train_ids: Sequence[str], val_ids: Sequence[str],
-             dist: DistInfo, resume: bool = False, weights_path: str | None = None) -> list[dict]:
+             dist: DistInfo, resume: bool = False, weights_path: str | None = None,
+             on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """Train one fold and write ``metrics.csv``, ``last.pt`` and ``model.safetensors`` (EMA).
 
     Epoch recipes validate and checkpoint every epoch; ``schedule.unit iterations`` every ``train.eval_every``
@@ -376,6 +377,7 @@ def fit_fold(recipe: Recipe, root: DataRoot, run_dir: Path, train_ids: Sequence[
         dist: process-group facts (a single process when not under torchrun).
         resume: continue from ``run_dir/last.pt`` when it exists.
         weights_path: initial weights (safetensors or checkpoint); ignored when resuming.
+        on_row: called on the main process with each metrics row as it is made (the trackers' mirror).
 
     Returns:
         One metrics row per evaluation.
@@ -434,6 +436,8 @@ def fit_fold(recipe: Recipe, root: DataRoot, run_dir: Path, train_ids: Sequence[
                                 scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else {},
                                 epoch=i + 1, best_miou=best_miou, rows=rows, rng=rng_state())
                 write_metrics(run_dir / "metrics.csv", rows)  # after last.pt: never ahead of what can resume
+            if on_row is not None:
+                on_row(row)
     if dist.is_main:
         finalize_weights(run_dir, ema.module, cfg.select, rows)
     return rows

@@ -124,6 +124,7 @@ def _check_relations(recipe: Recipe) -> None:
         except re.error as err:
             raise ConfigError(f"model.init_key_map: {pattern!r} is not a regular expression ({err})") from None
     _check_iterations(recipe)
+    _check_tracking(recipe)
     if not recipe.tta.scales:
         raise ConfigError("tta.scales: give at least one scale, e.g. [1.0]")
     for name, weight in loss.class_weights.items():
@@ -145,6 +146,15 @@ def _check_iterations(recipe: Recipe) -> None:
                           f"({every}): checkpoints are written at evaluations")
     if recipe.optim.freeze_encoder_epochs:
         raise ConfigError("optim.freeze_encoder_epochs: counts epochs; set it to 0 with schedule.unit iterations")
+
+
+def _check_tracking(recipe: Recipe) -> None:
+    track = recipe.train.track
+    if len(set(track)) != len(track):
+        raise ConfigError(f"train.track: {list(track)} names a tracker twice")
+    uri = recipe.train.mlflow_uri
+    if uri is not None and not re.match(r"[a-z][a-z0-9+.-]*:", uri):
+        raise ConfigError(f"train.mlflow_uri: {uri!r} is not a URI; e.g. sqlite:///runs/mlflow.db or http://host:5000")
 
 
 def validate_recipe(recipe: Recipe) -> Recipe:
