@@ -17,7 +17,7 @@ $(STAMP): requirements.txt pyproject.toml
 # The demo: synthetic rooms, two experiments x 5 folds as submitit jobs (--launcher local --jobs 2: one
 # process and one CPU thread per fold; the two experiments' launchers run side by side, so the 2 cores stay
 # busy to the last fold), the status table, the blend (per-class weights; it also reports the global blend it
-# started from), the submission and its score.
+# started from), the submission and its score; then the paired comparison of the two experiments and the blend.
 # Re-running it skips finished folds and resumes unfinished ones from last.pt. Ctrl-C reaches the launchers
 # (kfold.cli re-enables SIGINT, which background jobs start with ignored); they cancel their fold jobs.
 DEMO_DATA := data/synthetic
@@ -43,6 +43,7 @@ demo: $(STAMP)
 	$(PY) -m kfold.status $(DEMO_EXPERIMENTS); \
 	if [ $$failed = 1 ]; then tail -n 3 runs/*.stderr; exit 1; fi
 	$(PY) ensemble/blend.py --runs $(DEMO_EXPERIMENTS) --per-class --name demo_blend
+	$(PY) -m ensemble.compare $(DEMO_EXPERIMENTS) demo_blend
 
 # The whole suite, one worker process per core (pytest-xdist; a file's tests stay on one worker, so its module
 # fixtures are built once). test-fast: the unit tier, leaving out the end-to-end tests (marker e2e).

@@ -38,7 +38,9 @@ from ensemble.stores import Members, build_sample, open_members
 from foldwise.cli import ArgumentParser, at_least, run_entry_point
 from foldwise.io import check_writable
 from foldwise.leaderboard import leaderboard_row
+from kfold.config import tracker_list
 from kfold.metrics import iou_per_class, mean_iou, pixel_accuracy
+from kfold.track import TRACKERS, track_blend
 from submissions.leaderboard import read_leaderboard, sync_experiment_rows, upsert_leaderboard
 from submissions.score import score_submission
 from submissions.writer import write_submission
@@ -63,6 +65,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-broken", action="store_true",
                    help="without --runs: leave out experiments that look complete but cannot be read (the report "
                         "and the leaderboard row name them); by default such a blend is refused")
+    p.add_argument("--track", type=tracker_list, default=[], metavar="NAMES",
+                   help="log the blend to these trackers too: tensorboard, mlflow and/or wandb, e.g. mlflow,wandb")
+    p.add_argument("--mlflow-uri", default=None, help="MLflow store (default sqlite:///<runs-dir>/mlflow.db)")
     p.add_argument("--out-dir", type=Path, default=Path("submissions"))
     p.add_argument("--chunk", type=int, default=4,
                    help="images per streamed chunk (memory: ~ chunk x members x the candidates' temperatures)")
@@ -80,6 +85,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--chunk must be >= 1, got {args.chunk}")
     if args.pixels < 1:
         p.error(f"--pixels must be >= 1, got {args.pixels}")
+    unknown = [t for t in args.track if t not in TRACKERS]
+    if unknown or len(set(args.track)) != len(args.track):
+        p.error(f"--track {','.join(args.track)}: name each of {', '.join(TRACKERS)} at most once")
     return args
 
 
@@ -261,17 +269,33 @@ def run(args: argparse.Namespace, log=lambda msg: print(msg, file=sys.stderr)) -
         oof=_scores(cms["blend"], classes), nested=_scores(cms["nested"], classes),
         nested_folds=[{"fold": r.fold, "weights": r.fit.weights.tolist(),
                        "temperatures": r.fit.temperatures.tolist(), "chosen": r.fit.chosen,
-                       "sample_miou_heldout": r.miou} for r in nested],
+                       "sample_miou_heldout": r.miou, "miou_heldout": mean_iou(cms[f"nested@fold{r.fold}"]),
+                       "confusion_heldout": cms[f"nested@fold{r.fold}"].tolist()} for r in nested],
         member_scores={n: _scores(cms[n], classes) for n in names}, global_=global_,
         test=test, sample_pixels=len(sample.labels), seed=args.seed, order=args.order,
         submission=str(csv_path), written=summary.written, data_root=str(members.root.path),
         timings_s=laps.seconds, created=datetime.now(UTC).isoformat(timespec="seconds"), left_out=left_out)
     if not args.dry_run:
-        _write_outputs(record, members, Path(args.out_dir))
+        _write_outputs(record, members, Path(args.out_dir), _track(record, args))
     return record
 
 
-def _write_outputs(record: BlendRecord, members: Members, out_dir: Path) -> None:
+def _track(record: BlendRecord, args: argparse.Namespace) -> str:
+    """Log the blend to ``--track``'s trackers; the leaderboard's ``trackers`` cell."""
+    if not args.track:
+        return ""
+    params = {"members": ",".join(record.members), "method": method_label(record.method, record.per_class),
+              "weights": str(np.round(record.weights, 4).tolist()),
+              "temperatures": str([round(t, 4) for t in record.temperatures]), "chosen": record.chosen}
+    summary = {"oof/miou": record.oof["miou"], "oof/pixel_acc": record.oof["pixel_acc"],
+               "nested/miou": record.nested["miou"], "nested/pixel_acc": record.nested["pixel_acc"],
+               **{f"nested_iou/{c}": v for c, v in record.nested["per_class_iou"].items()}}
+    if record.test:
+        summary.update({"test/miou": record.test["miou"], "test/pixel_acc": record.test["pixel_acc"]})
+    return track_blend(record.name, args.track, args.runs_dir, args.mlflow_uri, params, summary)
+
+
+def _write_outputs(record: BlendRecord, members: Members, out_dir: Path, trackers: str = "") -> None:
     name, names, classes = record.name, record.members, record.classes
     record.write(out_dir / f"{name}.json")
     plot_weights(names, record.weights, record.temperatures, out_dir / "plots" / f"{name}_weights.png",
@@ -285,7 +309,7 @@ def _write_outputs(record: BlendRecord, members: Members, out_dir: Path) -> None
         temperatures=[round(t, 4) for t in record.temperatures], oof_miou=record.oof["miou"],
         oof_miou_nested=record.nested["miou"], pixel_acc=record.oof["pixel_acc"],
         per_class_iou=record.oof["per_class_iou"], submission=record.submission, created=record.created,
-        notes="; ".join(f"left out {line}" for line in record.left_out)),
+        notes="; ".join(f"left out {line}" for line in record.left_out), trackers=trackers),
         board)
     reported = sync_experiment_rows(members.stores[0].path.parent, board, names)
     for store in members.stores:

@@ -135,7 +135,9 @@ def _score_part(members: Members | tuple, ids: Sequence[str], blends: Blends, ch
             tempered = TemperedCache(fold_probs)
             for name, by_fold in blends.items():
                 pred = blend_argmax(fold_probs, by_fold[int(f)], size, tempered).numpy()
-                cms[name] += confusion_matrix(labels[sel.numpy()], pred, C)
+                cm = confusion_matrix(labels[sel.numpy()], pred, C)
+                cms[name] += cm
+                cms[f"{name}@fold{int(f)}"] = cms.get(f"{name}@fold{int(f)}", 0) + cm
         for m in scored:  # from the stored resolution, exactly as kfold.store.read.score_experiment scores a store
             cms[members.names[m]] += confusion_matrix(labels, full_res_argmax(raw[m], size).numpy(), C)
     return cms
@@ -164,7 +166,7 @@ def score_full_res(members: Members, blends: Blends, chunk: int, score_members: 
         keep_scores: keep the members' scores made here beside their stores.
 
     Returns:
-        name (and member name) -> (C, C) int64 confusion matrix.
+        name (and member name) -> (C, C) int64 confusion matrix; ``<name>@fold<k>``: a blend's on fold k's images.
     """
     # Fold by fold: a chunk then mostly holds one fold (no per-fold copies) and reads one fold's store.
     ids = sorted(members.ids, key=lambda i: (members.fold_of[i], i))
@@ -177,7 +179,7 @@ def score_full_res(members: Members, blends: Blends, chunk: int, score_members: 
         for part, cms in zip(parts, _in_order(pool, _score_part, ((source, p, blends, chunk, scored)
                                                                    for p in parts), 2 * workers)):
             for name, cm in cms.items():
-                total[name] += cm
+                total[name] = total.get(name, 0) + cm
             bar.update(len(part))
     if keep_scores:
         for m in scored:

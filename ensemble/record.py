@@ -31,7 +31,8 @@ class BlendRecord:
         weights: ``(M,)`` weights, or ``(M, C)`` per model and class.
         temperatures: ``(M,)`` temperatures.
         oof / nested: in-sample and nested-CV OOF scores of the chosen blend at label resolution.
-        nested_folds: per held-out fold, the parameters fitted without it.
+        nested_folds: per held-out fold, the parameters fitted without it and its full-resolution held-out
+            confusion matrix and mIoU (``confusion_heldout``, ``miou_heldout``: what ``ensemble.compare`` pairs).
         member_scores: each member alone, OOF.
         global_: a per-class fit's starting global blend (weights, temperatures, oof, nested), else None.
         test: the local test score when the root has test labels, else None.

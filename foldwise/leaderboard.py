@@ -13,7 +13,7 @@ from typing import Any
 
 HEAD = ("name", "kind", "members", "weights", "temperatures", "oof_miou", "oof_miou_nested", "pixel_acc")
 DEPTH = ("depth_rmse", "depth_absrel", "depth_delta1")  # OOF depth in metres vs the sensor, when a model has a head
-TAIL = ("submission", "created", "notes", "public_lb")
+TAIL = ("submission", "created", "notes", "trackers", "public_lb")
 KINDS = ("experiment", "blend")
 
 
@@ -25,7 +25,7 @@ def _number(value: Any) -> float | None:
 def leaderboard_row(*, name: str, kind: str, members: str | Sequence[str], oof_miou: float, oof_miou_nested: float,
                     pixel_acc: float, per_class_iou: Mapping[str, float], weights: Any = "1", temperatures: Any = "1",
                     depth: Mapping[str, float] | None = None, submission: str = "", created: str | None = None,
-                    notes: str = "") -> dict[str, Any]:
+                    notes: str = "", trackers: str = "") -> dict[str, Any]:
     """One leaderboard row.
 
     Args:
@@ -38,6 +38,7 @@ def leaderboard_row(*, name: str, kind: str, members: str | Sequence[str], oof_m
         depth: ``{"rmse", "absrel", "delta1"}`` in metres against the sensor, when the models predict depth.
         submission / created: the submission CSV written, and when (default: now).
         notes: what a reader of the row must know (members a blend left out).
+        trackers: where its curves are (``kfold.track.tracker_links``: MLflow run id, W&B group, TensorBoard folder).
     """
     if kind not in KINDS:
         raise ValueError(f"leaderboard row {name!r}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -47,5 +48,5 @@ def leaderboard_row(*, name: str, kind: str, members: str | Sequence[str], oof_m
         **{f"depth_{k}": _number(v) for k, v in (depth or {}).items()},
         **{f"iou_{c}": _number(v) for c, v in per_class_iou.items()},
         "submission": submission, "created": created or datetime.now(UTC).isoformat(timespec="seconds"),
-        "notes": notes,
+        "notes": notes, "trackers": trackers,
     }

@@ -20,7 +20,7 @@ from kfold.config import PRESETS, ConfigError, Recipe, build_recipe, load_recipe
 from kfold.launch import add_launcher_args, check_launcher_args, launch
 from kfold.rundir import FoldLock, clear_fold, describe_difference, fold_dir, recipe_differences, write_config
 from kfold.store.format import is_complete
-from kfold.track import prepare_experiment
+from kfold.track import prepare_experiment, wandb_sync_hint
 from kfold.validate import fit_recipe_to_root, validate_recipe
 
 if TYPE_CHECKING:
@@ -271,7 +271,11 @@ def run_experiment(name: str, base: dict[str, Any], args: argparse.Namespace, ar
             clear_for_retrain(recipe, todo, args, root.path, folds_sha256(root))
         if todo:
             prepare_experiment(recipe, args.out)
-        return launch(name, base, args, todo, list(sys.argv[1:] if argv is None else argv))
+        code = launch(name, base, args, todo, list(sys.argv[1:] if argv is None else argv))
+        hint = wandb_sync_hint(Path(args.out) / name) if "wandb" in recipe.train.track and todo else None
+        if hint and args.launcher == "local":
+            print(hint)
+        return code
     # The training stack is imported only once the command line and the recipe are known to be good.
     from kfold.distributed import barrier, cleanup, setup_distributed
 

@@ -31,6 +31,7 @@ from kfold.store.format import StoreError, list_experiments
 from kfold.store.read import ExperimentStore, full_res_argmax, open_experiment, resolve_root, score_experiment
 from kfold.store.scores import keep_confusion
 from kfold.store.write import final_table, format_final_table
+from kfold.track import experiment_links
 
 POOLED = "pooled confusion matrices"
 MEAN_OF_FOLDS = "mean of fold mIoUs"
@@ -95,6 +96,16 @@ def _read_final(path: Path) -> dict[str, dict[str, float]]:
     return {c: {r[0]: float(r[i + 1]) if r[i + 1] else math.nan for r in rows[1:]} for i, c in enumerate(columns)}
 
 
+def test_confusion(store: ExperimentStore, root: DataRoot, chunk: int = 64) -> np.ndarray:
+    """(C, C) confusion matrix of the fold-averaged test prediction against the root's test labels."""
+    C = store.num_classes
+    cm = np.zeros((C, C), dtype=np.int64)
+    for ids, probs in store.iter_test(chunk):
+        labels = np.stack([root.label("test", i) for i in ids])
+        cm += confusion_matrix(labels, full_res_argmax(torch.from_numpy(probs), store.image_size).numpy(), C)
+    return cm
+
+
 def experiment_final_metrics(store: ExperimentStore, root: DataRoot, chunk: int = 64
                              ) -> dict[str, dict[str, float | None]] | None:
     """The folds' validation / test table averaged over folds, and the fold-averaged test prediction's score.
@@ -110,11 +121,7 @@ def experiment_final_metrics(store: ExperimentStore, root: DataRoot, chunk: int 
                                            for m in per_fold[0][column]}
              for column in per_fold[0]}
     if root.has_test_labels:
-        C = store.num_classes
-        cm = np.zeros((C, C), dtype=np.int64)
-        for ids, probs in store.iter_test(chunk):
-            labels = np.stack([root.label("test", i) for i in ids])
-            cm += confusion_matrix(labels, full_res_argmax(torch.from_numpy(probs), store.image_size).numpy(), C)
+        cm = test_confusion(store, root, chunk)
         keep_confusion(store, root, "test", cm)  # a blend reuses it
         iou = iou_per_class(cm)
         table["test (fold-averaged prediction)"] = {
@@ -257,7 +264,8 @@ def experiment_report(
     # One model: nothing is fitted on its OOF, so there is no optimism to remove (nested = in-sample).
     row = leaderboard_row(name=name, kind="experiment", members=name, oof_miou=score["miou"],
                           oof_miou_nested=score["miou"], pixel_acc=score["pixel_acc"],
-                          per_class_iou=score["per_class_iou"], depth=report["depth"])
+                          per_class_iou=score["per_class_iou"], depth=report["depth"],
+                          trackers=experiment_links(exp_dir))
     write_json(files["leaderboard_row"], row)
     report["files"] = files
     return report

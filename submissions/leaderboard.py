@@ -4,10 +4,10 @@
     python -m submissions.leaderboard --record-lb NAME SCORE  # store a public LB score
 
 Columns: name, kind (experiment|blend), members, weights, temperatures, oof_miou, oof_miou_nested,
-pixel_acc, iou_<class>..., submission, created (ISO time), public_lb. List and dict values
-(members, weights, temperatures) are stored as JSON text. Every read-modify-write holds an
-``fcntl`` lock on ``<path>.lock`` (folds and blends may refresh the board at once) and the CSV is
-replaced atomically.
+pixel_acc, iou_<class>..., submission, created (ISO time), notes, trackers (where the row's curves are),
+public_lb. List and dict values (members, weights, temperatures) are stored as JSON text. Every
+read-modify-write holds an ``fcntl`` lock on ``<path>.lock`` (folds and blends may refresh the board at
+once) and the CSV is replaced atomically.
 """
 
 from __future__ import annotations

@@ -468,26 +468,30 @@ def score_experiment(
 
     Returns:
         ``miou``, ``pixel_acc``, ``per_class_iou`` ({class: IoU}), ``confusion_matrix`` (C, C) int64,
-        ``temperature`` and ``n_images``.
+        ``fold_confusions`` (k, C, C) int64 (each fold's images alone), ``temperature`` and ``n_images``.
     """
     root = resolve_root(root, store)
     if tuple(root.classes) != tuple(store.classes):
         raise StoreError(f"{store.name}: classes {list(store.classes)} differ from {root.path}'s {list(root.classes)}")
     C = store.num_classes
-    cm = np.zeros((C, C), dtype=np.int64)
+    fold_cms = np.zeros((store.folds, C, C), dtype=np.int64)
     for ids, probs in store.iter_oof(chunk, check=True):
         labels = np.stack([root.label("train", i) for i in ids])
         if labels.shape[1:] != tuple(store.image_size):
             raise StoreError(f"{store.name}: {root.label_path('train', ids[0])} size {labels.shape[1:]} differs "
                              f"from the store's image size {tuple(store.image_size)}")
         pred = full_res_argmax(torch.from_numpy(probs), store.image_size, temperature).numpy()
-        cm += confusion_matrix(labels, pred, C)
+        folds = np.asarray([store.fold_of[i] for i in ids])
+        for f in np.unique(folds):
+            fold_cms[f] += confusion_matrix(labels[folds == f], pred[folds == f], C)
+    cm = fold_cms.sum(axis=0)
     iou = iou_per_class(cm)
     return {
         "miou": mean_iou(cm),
         "pixel_acc": pixel_accuracy(cm),
         "per_class_iou": {c: float(v) for c, v in zip(store.classes, iou)},
         "confusion_matrix": cm,
+        "fold_confusions": fold_cms,
         "temperature": float(temperature),
         "n_images": len(store.ids),
     }

@@ -21,7 +21,7 @@ import fcntl
 import json
 import math
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -220,6 +220,35 @@ def open_fold(recipe: Recipe, runs_dir: str | Path, fold: int) -> Tracking:
     return Tracking(openers, run_dir / RECORD)
 
 
+def track_blend(name: str, trackers: Sequence[str], runs_dir: str | Path, mlflow_uri: str | None,
+                params: Mapping[str, Any], summary: Mapping[str, float]) -> str:
+    """Log a finished blend as one run of each tracker (params: members, weights, temperatures; the summary:
+    in-sample, nested and test scores); returns the leaderboard's ``trackers`` cell."""
+    folder = Path(runs_dir) / "blends" / name
+    uri = mlflow_uri or default_mlflow_uri(runs_dir)
+    openers: dict[str, Callable[[], Any]] = {}
+    for tracker in trackers:
+        if tracker == "tensorboard":
+            def opener() -> Any:
+                from kfold.track.tensorboard_run import TensorBoardRun
+
+                return TensorBoardRun(folder / "tb", params)
+        elif tracker == "mlflow":
+            def opener() -> Any:
+                from kfold.track.mlflow_run import MlflowRun
+
+                return MlflowRun.new(uri, name, params, {"foldwise.kind": "blend", "foldwise.blend": name})
+        else:
+            def opener() -> Any:
+                from kfold.track.wandb_run import WandbRun
+
+                return WandbRun(folder, group=name, job_type="blend", name=name, config=params)
+        openers[tracker] = opener
+    tracking = Tracking(openers, folder / RECORD)
+    tracking.finish(summary)
+    return tracker_links(read_record(folder / RECORD))
+
+
 def finish_experiment(recipe: Recipe, runs_dir: str | Path, scores: Mapping[str, Any]) -> None:
     """Every fold is complete: the parent MLflow run gets the pooled OOF scores and is ended."""
     if "mlflow" not in recipe.train.track:
@@ -242,3 +271,12 @@ def experiment_links(exp_dir: Path) -> str:
     if any("tensorboard" in f for f in folds):
         record["tensorboard"] = {"logdir": str(exp_dir / "tb")}
     return tracker_links(record)
+
+
+def wandb_sync_hint(exp_dir: Path) -> str | None:
+    """The ``wandb sync`` line for an experiment's offline fold runs (None when it has none)."""
+    dirs = [r["wandb"]["dir"] for p in sorted(Path(exp_dir).glob("fold*/" + RECORD))
+            if (r := read_record(p)).get("wandb", {}).get("mode") == "offline" and r["wandb"].get("dir")]
+    if not dirs:
+        return None
+    return f"wandb: {len(dirs)} offline run(s) of {Path(exp_dir).name}; upload them with: wandb sync {' '.join(dirs)}"
