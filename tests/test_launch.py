@@ -43,9 +43,11 @@ def states(table: str) -> dict[int, str]:
 
 @pytest.fixture(scope="module")
 def local_runs(synthetic_root, tmp_path_factory) -> Path:
-    """Five smoke folds trained by ``--launcher local --jobs 2`` (shared; copy before changing)."""
+    """Five smoke folds trained by ``--launcher local --jobs 2``, tracked in TensorBoard and MLflow (shared; copy
+    before changing)."""
     out = tmp_path_factory.mktemp("launch") / "runs"
-    proc = subprocess.run(experiment(synthetic_root, out, "--launcher", "local", "--jobs", "2"), cwd=REPO,
+    proc = subprocess.run(experiment(synthetic_root, out, "--launcher", "local", "--jobs", "2",
+                                     "--track", "tensorboard,mlflow"), cwd=REPO,
                           env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
@@ -65,6 +67,40 @@ def test_local_launcher_runs_each_fold_as_its_own_job(local_runs) -> None:
     shown = status(local_runs, "exp093_2")
     assert shown.returncode == 0 and states(shown.stdout) == dict.fromkeys(range(5), "complete"), shown.stdout
     assert "OOF mIoU 0." in shown.stdout
+
+
+def test_parallel_fold_jobs_mirror_their_metrics_to_tensorboard_and_mlflow(local_runs) -> None:
+    import mlflow
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    exp = local_runs / "exp093_2"
+    for k in range(5):  # TensorBoard's own reader: every metrics.csv row at its step, and the final metrics
+        with open(exp / f"fold{k}" / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+        events = EventAccumulator(str(exp / "tb" / f"fold{k}"))
+        events.Reload()
+        tags = set(events.Tags()["scalars"])
+        assert {"train/total", "lr", "val/miou", "val/pixel_acc", "val_iou/wall", "speed/images_per_s",
+                "final/oof_miou"} <= tags, tags
+        miou = events.Scalars("val/miou")
+        assert [e.step for e in miou] == [int(r["epoch"]) for r in rows]
+        assert [e.value for e in miou] == pytest.approx([float(r["val_miou"]) for r in rows], abs=1e-6)
+    mlflow.set_tracking_uri(f"sqlite:///{local_runs / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["foldwise"], output_format="list")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert [p.info.run_name for p in parents] == ["exp093_2"]
+    assert sorted(c.info.run_name for c in children) == [f"exp093_2/fold{k}" for k in range(5)]
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert child.info.status == "FINISHED" and child.data.params["optim.lr"] == "0.001"
+        assert "val/miou" in child.data.metrics and "final/oof_miou" in child.data.metrics
+        assert child.data.tags["foldwise.file.oof.npy"].split(" sha256:")[0].endswith("oof.npy")
+    assert parents[0].info.status == "FINISHED" and "oof_miou" in parents[0].data.metrics
+    logs = " ".join(p.read_text() for p in (exp / "jobs").glob("*_log.err"))
+    assert "warning: tracker" not in logs and "locked" not in logs  # two jobs at once: no database error
+    row = json.loads((exp / "leaderboard_row.json").read_text())  # the leaderboard row leads to the curves
+    assert f"mlflow:{parents[0].info.run_id}" in row["trackers"] and "tensorboard:" in row["trackers"]
 
 
 def _wait_for(predicate, timeout: float = 120.0) -> None:

@@ -2,7 +2,7 @@
 
 ``metrics.csv`` stays the record of truth; a tracker is a mirror. One that fails (a missing package, an
 unwritable folder, an unreachable server) prints one warning line naming it and is off for the rest of that
-run: training never stops for a tracker. Where each writes (docs/tracking.md):
+process: training never stops for a tracker. Where each writes (docs/tracking.md):
 
 - tensorboard: ``runs/<experiment>/tb/fold<k>/`` (scalars at each ``metrics.csv`` row's step, the recipe and
   the fold's final metrics as hparams); a blend: ``runs/blends/<name>/tb/``.
@@ -88,10 +88,14 @@ def _locked(folder: Path) -> Iterator[None]:
         yield
 
 
+_FAILED: set[str] = set()  # trackers that failed in this process: off for the rest of it, warned about once
+
+
 def warn(name: str, err: BaseException) -> None:
-    """The one line a failing tracker gets."""
+    """The one line a failing tracker gets; it is off for the rest of this process."""
+    _FAILED.add(name)
     what = " ".join(str(err).split()) or "failed"
-    print(f"warning: tracker {name}: {type(err).__name__}: {what}; {name} is off for this run, training goes on "
+    print(f"warning: tracker {name}: {type(err).__name__}: {what}; {name} is off, training goes on "
           f"(metrics.csv is the record)", file=sys.stderr, flush=True)
 
 
@@ -108,6 +112,8 @@ class Tracking:
         self.backends: dict[str, Any] = {}
         self.record_path = record_path
         for name, opener in openers.items():
+            if name in _FAILED:
+                continue
             backend = self._guard(name, opener)
             if backend is not None:
                 self.backends[name] = backend
@@ -117,7 +123,8 @@ class Tracking:
         try:
             return call()
         except Exception as err:  # noqa: BLE001 - a mirror's failure of any kind must not stop training
-            warn(name, err)
+            if name not in _FAILED:
+                warn(name, err)
             self.backends.pop(name, None)
             return None
 
@@ -129,7 +136,7 @@ class Tracking:
             ids = self._guard(name, backend.record)
             if ids is not None:
                 record[name] = ids
-        self._guard("record", lambda: write_json(self.record_path, record))
+        self._guard(RECORD, lambda: write_json(self.record_path, record))
 
     def log_row(self, row: Mapping[str, Any]) -> None:
         """Mirror one ``metrics.csv`` row."""
