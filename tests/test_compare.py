@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from faults.stores import write_store
 from scipy import stats
 
 from ensemble.compare import Paired, Scored, holm, paired_tests, smallest_wilcoxon_p
-from faults.stores import write_store
 
 REPO = Path(__file__).resolve().parents[1]
 e2e = pytest.mark.e2e  # the command in a subprocess: the e2e tier
