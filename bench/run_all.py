@@ -23,7 +23,8 @@ from datetime import UTC, datetime
 
 from common import load_average, machine
 
-NAMES = ("blend", "blend_size", "argmax", "tta", "metrics", "train_loop", "oof_store", "data", "scaling", "predict")
+NAMES = ("blend", "blend_size", "argmax", "tta", "metrics", "train_loop", "oof_store", "data", "scaling", "predict",
+         "trackers")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -31,11 +31,11 @@ def lines(out: str, group: str) -> list[str]:
 def test_every_script_ran(tiny_output: str) -> None:
     assert "all passed" in tiny_output
     for name in ("blend", "blend_size", "argmax", "tta", "metrics", "train_loop", "oof_store", "data", "scaling",
-                 "predict"):
+                 "predict", "trackers"):
         assert re.search(rf"^## bench_{name}\.py: [\d.]+ s, rc 0", tiny_output, re.M), name
     assert tiny_output.startswith("# machine: ")
     expected = {"blend": 10, "argmax": 2, "tta": 3, "metrics": 2, "train": 3, "oof": 5, "data": 4, "scaling": 1,
-                "predict": 1}
+                "predict": 1, "trackers": 3}
     for group, n in expected.items():
         found = lines(tiny_output, group)
         assert len(found) >= n, (group, found)

@@ -13,6 +13,8 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -105,12 +107,27 @@ def parent_run(recipe: Recipe, exp_dir: Path, uri: str) -> dict[str, str]:
 
 
 class MlflowRun:
-    """One MLflow run written to by a fold or a blend."""
+    """One MLflow run written to by a fold or a blend.
+
+    A row's metrics are written by one background thread, in order: a SQLite commit (and its retries while
+    another fold job holds the database) would otherwise stall training (``bench/bench_trackers.py``). A write
+    that failed surfaces at the next row or at the end.
+    """
 
     name = "mlflow"
 
     def __init__(self, mlflow: Any, uri: str, experiment_id: str, run_id: str) -> None:
         self.mlflow, self.uri, self.experiment_id, self.run_id = mlflow, uri, experiment_id, run_id
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="mlflow-log")
+        self._pending: list[Future] = []
+
+    def _check_written(self, wait: bool = False) -> None:
+        """Raise the first failed write; drop the writes that are done (all of them, waiting, when ``wait``)."""
+        if wait:
+            futures.wait(self._pending)
+        for future in [f for f in self._pending if f.done()]:
+            self._pending.remove(future)
+            future.result()
 
     @classmethod
     def child(cls, parent: Mapping[str, str], run_name: str, params: Mapping[str, Any], tags: Mapping[str, str],
@@ -142,13 +159,22 @@ class MlflowRun:
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
+        self._check_written()
         now = int(time.time() * 1000)
         batch = [Metric(k, v, now, step) for k, v in metrics.items()]
-        retried(lambda: self.mlflow.log_batch(self.run_id, metrics=batch))
+        self._pending.append(self._writer.submit(retried, lambda: self.mlflow.log_batch(self.run_id, metrics=batch)))
 
     def finish(self, summary: Mapping[str, float], files: Mapping[str, str], ok: bool) -> None:
+        try:
+            self._check_written(wait=True)
+        finally:
+            self._writer.shutdown(wait=True)
         if summary:
-            self.log(summary, 0)
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            batch = [Metric(k, v, now, 0) for k, v in summary.items()]
+            retried(lambda: self.mlflow.log_batch(self.run_id, metrics=batch))
         for name, ref in files.items():
             retried(lambda n=name, r=ref: self.mlflow.set_tag(self.run_id, f"foldwise.file.{n}", r))
         retried(lambda: self.mlflow.set_terminated(self.run_id, "FINISHED" if ok else "FAILED"))
