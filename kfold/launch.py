@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,11 +170,64 @@ def launch(name: str, base: dict[str, Any], args: argparse.Namespace, folds: lis
     cmd = job_argv(argv)
     if args.launcher == "local":
         return _run_local(name, base, args, folds, cmd, folder)
-    return _submit_slurm(name, base, args, folds, cmd, folder)
+    _submit_slurm(name, base, args, folds, cmd, folder)
+    return 0
+
+
+OnDone = Callable[[int, bool], bool]  # (fold, succeeded) -> go on; False cancels the folds not yet finished
+
+
+def run_folds(name: str, base: dict[str, Any], args: argparse.Namespace, folds: list[int], argv: list[str],
+              on_done: OnDone) -> None:
+    """Run ``folds`` through ``args.launcher`` and wait for them, calling ``on_done`` as each one ends (the
+    search reports each fold to its trial, and stops a pruned trial's other folds).
+
+    ``none`` trains them one after another in this process; ``local`` as local jobs; ``slurm`` as an array,
+    polled until every job has ended. Ctrl-C cancels what is running, as for an experiment.
+    """
+    cmd, folder = job_argv(argv), Path(args.out) / name / "jobs"
+    if args.launcher == "none":
+        from kfold.cli import parse_args, run_experiment
+
+        for fold in folds:
+            try:
+                ok = run_experiment(name, base, parse_args([*cmd, "--fold", str(fold), "--resume"])) == 0
+            except Exception as err:  # noqa: BLE001 - as a failed job of the other launchers: the caller decides
+                print(f"{name} fold {fold}: FAILED: {type(err).__name__}: {' '.join(str(err).split())}",
+                      file=sys.stderr)
+                ok = False
+            if not on_done(fold, ok):
+                return
+    elif args.launcher == "local":
+        code = _run_local(name, base, args, folds, cmd, folder, on_done)
+        if code == 130:
+            raise KeyboardInterrupt
+    else:
+        jobs = _submit_slurm(name, base, args, folds, cmd, folder)
+        _wait(jobs, on_done)
+
+
+def _wait(jobs: dict[int, Any], on_done: OnDone, poll_s: float = 5.0) -> None:
+    """Poll submitted jobs (submitit asks ``sacct``) until each has ended, in the order they end."""
+    running = dict(jobs)
+    try:
+        while running:
+            for fold, job in list(running.items()):
+                if job.done():
+                    del running[fold]
+                    if not on_done(fold, _succeeded(job)):
+                        for other in running.values():
+                            other.cancel(check=False)
+                        return
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        for job in running.values():
+            job.cancel(check=False)
+        raise
 
 
 def _run_local(name: str, base: dict[str, Any], args: argparse.Namespace, folds: list[int], cmd: list[str],
-               folder: Path) -> int:
+               folder: Path, on_done: OnDone | None = None) -> int:
     import submitit
 
     gpus = visible_gpus()
@@ -203,18 +257,24 @@ def _run_local(name: str, base: dict[str, Any], args: argparse.Namespace, folds:
                 del running[fold]
                 if gpu is not None:
                     free_gpus.append(gpu)
-                if _succeeded(job):
+                ok = _succeeded(job)
+                if ok:
                     print(f"{name} fold {fold}: done (job {job.job_id})")
                 else:
                     failed.append(fold)
                     print(f"{name} fold {fold}: FAILED (job {job.job_id}); log {job.paths.stderr}", file=sys.stderr)
+                if on_done is not None and not on_done(fold, ok):
+                    for other, _ in running.values():
+                        other.cancel(check=False)
+                    print(f"{name}: stopped; cancelled {len(running)} running and {len(waiting)} waiting fold job(s)")
+                    return 0
     except KeyboardInterrupt:
         for job, _ in running.values():
             job.cancel(check=False)
         print(f"interrupted: cancelled {len(running)} running fold job(s); finished folds are kept. Run the same "
               f"command again to finish (unfinished folds resume from last.pt)", file=sys.stderr)
         return 130
-    if failed:
+    if failed and on_done is None:
         print(f"error: {name}: fold(s) {', '.join(map(str, failed))} failed; see python -m kfold.status "
               f"--out {args.out} {name}", file=sys.stderr)
         return 1
@@ -247,7 +307,7 @@ def slurm_parameters(args: argparse.Namespace, name: str) -> dict[str, Any]:
 
 
 def _submit_slurm(name: str, base: dict[str, Any], args: argparse.Namespace, folds: list[int], cmd: list[str],
-                  folder: Path) -> int:
+                  folder: Path) -> dict[int, Any]:
     import submitit
 
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=20)
@@ -262,4 +322,4 @@ def _submit_slurm(name: str, base: dict[str, Any], args: argparse.Namespace, fol
         print(f"{name} fold {fold}: submitted job {job.job_id}")
     print(f"{name}: {len(jobs)} fold jobs in array {jobs[0].job_id.split('_')[0]}; "
           f"watch with: python -m kfold.status --out {args.out} {name} --watch 60")
-    return 0
+    return dict(zip(folds, jobs))

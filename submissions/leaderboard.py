@@ -4,10 +4,10 @@
     python -m submissions.leaderboard --record-lb NAME SCORE  # store a public LB score
 
 Columns: name, kind (experiment|blend), members, weights, temperatures, oof_miou, oof_miou_nested,
-pixel_acc, iou_<class>..., submission, created (ISO time), notes, trackers (where the row's curves are),
-public_lb. List and dict values (members, weights, temperatures) are stored as JSON text. Every
-read-modify-write holds an ``fcntl`` lock on ``<path>.lock`` (folds and blends may refresh the board at
-once) and the CSV is replaced atomically.
+oof_miou_selected (a search's best trial, selection-corrected), pixel_acc, iou_<class>..., submission,
+created (ISO time), notes, trackers (where the row's curves are), public_lb. List and dict values (members,
+weights, temperatures) are stored as JSON text. Every read-modify-write holds an ``fcntl`` lock on
+``<path>.lock`` (folds and blends may refresh the board at once) and the CSV is replaced atomically.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ from foldwise.leaderboard import DEPTH, HEAD, KINDS, TAIL
 from submissions.common import SubmissionError, atomic_path
 
 DEFAULT_PATH = Path(__file__).resolve().parent / "leaderboard.csv"
-NUMERIC = ("oof_miou", "oof_miou_nested", "pixel_acc", "public_lb", *DEPTH)
-SHORT = ("name", "kind", "oof_miou_nested", "oof_miou", "pixel_acc", "public_lb", "submission", "created")
+NUMERIC = ("oof_miou", "oof_miou_nested", "oof_miou_selected", "pixel_acc", "public_lb", *DEPTH)
+SHORT = ("name", "kind", "oof_miou_nested", "oof_miou", "oof_miou_selected", "pixel_acc", "public_lb", "submission",
+         "created")
 
 
 @contextlib.contextmanager
@@ -199,8 +200,10 @@ def sync_experiment_rows(runs_dir: str | os.PathLike, path: str | os.PathLike = 
         The names of the experiments whose rows were upserted.
     """
     synced = []
-    for row_file in sorted(Path(runs_dir).glob("*/leaderboard_row.json")):
-        if names is not None and row_file.parent.name not in names:
+    runs_dir = Path(runs_dir)
+    # Experiments are runs/<name>/, search trials runs/<study>/<trial>/.
+    for row_file in sorted([*runs_dir.glob("*/leaderboard_row.json"), *runs_dir.glob("*/*/leaderboard_row.json")]):
+        if names is not None and row_file.parent.relative_to(runs_dir).as_posix() not in names:
             continue
         try:
             row = json.loads(row_file.read_text())

@@ -357,7 +357,7 @@ def test_leaderboard_upsert_keeps_public_lb(tmp_path, capsys):
     assert exp1["public_lb"] == 0.47 and exp1["oof_miou"] == 0.52 and np.isnan(exp1["iou_bed"])
     blend = df.set_index("name").loc["blend1"]
     assert blend["weights"] == "[0.25, 0.75]" and blend["iou_wall"] == 0.5 and np.isnan(blend["public_lb"])
-    assert list(df.columns[-4:]) == ["submission", "created", "notes", "public_lb"]
+    assert list(df.columns[-5:]) == ["submission", "created", "notes", "trackers", "public_lb"]
     assert {"iou_bed", "iou_wall"} <= set(df.columns)
 
     upsert_leaderboard({"name": "exp1", "kind": "experiment", "public_lb": 0.49}, path)

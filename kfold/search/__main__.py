@@ -1,0 +1,5 @@
+import sys
+
+from kfold.search.cli import main
+
+sys.exit(main())
