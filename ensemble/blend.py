@@ -311,7 +311,7 @@ def _write_outputs(record: BlendRecord, members: Members, out_dir: Path, tracker
         per_class_iou=record.oof["per_class_iou"], submission=record.submission, created=record.created,
         notes="; ".join(f"left out {line}" for line in record.left_out), trackers=trackers),
         board)
-    reported = sync_experiment_rows(members.stores[0].path.parent, board, names)
+    reported = sync_experiment_rows(members.runs_dir, board, names)
     for store in members.stores:
         if store.name not in reported:  # no kfold.report run yet: this blend's full-resolution score of the store
             s = record.member_scores[store.name]

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("kfold.status", "where every fold of every experiment stands"),
     "report": ("kfold.report", "re-make experiment reports (OOF mIoU, per-class IoU, plots)"),
     "blend": ("ensemble.blend", "fit temperatures and weights on the OOF stores, write the submission"),
+    "search": ("kfold.search.cli", "search recipes (Optuna trials of k folds, pruned, selection-corrected)"),
     "compare": ("ensemble.compare", "is B really better than A? a paired test over the folds"),
     "predict": ("ensemble.predict", "a finished or exported blend on new images"),
     "export": ("ensemble.export", "a blend as a self-contained folder"),

@@ -135,7 +135,7 @@ def _train_and_predict(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[
     if dist.is_main:
         for stale in run_dir.glob(".*.tmp"):  # left by a killed write; never read, only taking space
             stale.unlink(missing_ok=True)
-        write_config(run_dir, recipe, root.path, fold, folds_sha256(root))
+        write_config(run_dir, recipe, root.path, fold, folds_sha256(root), parse_opts(args.opts))
     tracking = open_fold(recipe, args.out, fold) if dist.is_main and recipe.train.track else None
     try:
         if not args.predict_only:

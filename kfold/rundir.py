@@ -56,12 +56,14 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def write_config(run_dir: Path, recipe: Recipe, data_root: Path, fold: int, folds_sha256: str) -> None:
-    """``config.yaml``: the resolved recipe plus what is needed to trust and repeat the run."""
+def write_config(run_dir: Path, recipe: Recipe, data_root: Path, fold: int, folds_sha256: str,
+                 opts: dict[str, Any] | None = None) -> None:
+    """``config.yaml``: the resolved recipe plus what is needed to trust and repeat the run; ``opts`` are the
+    ``--opts`` overrides of the experiment's recipe (a search trial's parameters among them)."""
     packages = ["torch", "segmentation-models-pytorch", "timm", "albumentations", "numpy"]
     info = {"experiment": recipe.name, "fold": fold, "data_root": str(Path(data_root).resolve()),
             "folds_sha256": folds_sha256, "git_commit": git_commit(), "command": sys.argv,
-            "created": datetime.datetime.now().isoformat(timespec="seconds"),
+            "opts": dict(opts or {}), "created": datetime.datetime.now().isoformat(timespec="seconds"),
             "versions": {"python": platform.python_version(), **{p: _version(p) for p in packages}},
             "recipe": to_dict(recipe)}
     write_text(run_dir / CONFIG, yaml.safe_dump(info, sort_keys=False))

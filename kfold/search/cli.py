@@ -130,14 +130,14 @@ def open_search(args: argparse.Namespace, checked: dict[str, Any]) -> tuple[Any,
     return study, setup
 
 
-def worker(args: argparse.Namespace) -> None:
+def worker(args: argparse.Namespace, opened: tuple[Any, Any] | None = None) -> None:
     """Run trials until the study holds ``--trials`` complete or pruned ones (one process; several share it)."""
     from optuna.trial import TrialState
 
     from kfold.search.study import finished, retry_stale
     from kfold.search.trials import run_trial
 
-    study, setup = open_search(args, plan(args))
+    study, setup = opened or open_search(args, plan(args))
     while True:
         for number in retry_stale(study):
             print(f"{setup.study}: trial {number}'s worker is gone: failed, its parameters queued again")
@@ -166,8 +166,9 @@ def search(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"{checked['study']}: {args.trials} trials of {checked['experiment']} over "
           f"{', '.join(d.key for d in checked['space'])}; {args.workers} worker(s), pruner {args.pruner}, "
           f"runs in {Path(args.out) / checked['study']}", flush=True)
+    opened = open_search(args, checked)  # the storage and the study exist before any worker starts
     if args.workers == 1:
-        worker(args)
+        worker(args, opened)
     else:
         context = multiprocessing.get_context("spawn")
         procs = [context.Process(target=_spawned_worker, args=(argv,), name=f"search-worker-{i}")
@@ -188,7 +189,7 @@ def search(args: argparse.Namespace, argv: list[str]) -> int:
     from kfold.search.report import write_outputs
     from kfold.search.study import storage_url
 
-    study, setup = open_search(args, checked)
+    study, setup = open_search(args, checked)  # again: the workers' trials are in the storage, not in `opened`
     study_dir = Path(args.out) / checked["study"]
     print(write_outputs(study, study_dir, args.out, setup.k, storage_url(args.storage, study_dir)))
     return 0

@@ -1,0 +1,195 @@
+"""``python -m kfold.search`` as a user runs it: a small study read back with Optuna's own ``load_study``, its best
+trials blended and on the leaderboard, a search killed and continued, workers sharing SQLite and a journal file,
+a SLURM launch, and spaces refused before any training. A root of its own with 3 folds keeps it short."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.e2e  # searches train real (smoke) folds in subprocesses
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+SPACE = "optim.lr: {float: [1.0e-4, 1.0e-2], log: true}\nloss.depth_weight: {float: [0.0, 0.5]}\n"
+
+
+def search(root: Path, out: Path, space: Path, *extra: str, env: dict | None = None, timeout: float = 300
+           ) -> subprocess.CompletedProcess:
+    return subprocess.run(command(root, out, space, *extra), cwd=REPO, env=env or ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def command(root: Path, out: Path, space: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "kfold.search", "exp093_2", "--space", str(space), "--preset", "smoke",
+            "--data-root", str(root), "--out", str(out), *extra, "--opts", "data.k_folds", "3", "schedule.epochs", "1"]
+
+
+def load(out: Path, study: str):
+    import optuna
+
+    return optuna.load_study(study_name=study, storage=f"sqlite:///{out / study / 'study.db'}")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    from kfold.data.synthetic import generate
+
+    out = tmp_path_factory.mktemp("search_root") / "root"
+    generate(out, n_train=24, n_test=4, size=(48, 64), seed=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def space(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("space") / "space.yaml"
+    path.write_text(SPACE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def study(root, space, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("search") / "runs"
+    proc = search(root, out, space, "--trials", "4", "--pruner", "median", "--study", "s")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+def test_a_study_of_k_fold_trials_with_a_selection_corrected_score(study) -> None:
+    out, proc = study
+    trials = load(out, "s").get_trials()
+    assert len(trials) == 4 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    for t in trials:  # fold scores at step = fold, from fold 0 on; a pruned trial has fewer
+        steps = sorted(t.intermediate_values)
+        assert steps == list(range(len(steps))) and (len(steps) == 3) == (t.state.name == "COMPLETE")
+        folder = out / "s" / t.user_attrs["folder"]
+        assert sorted(p.name for p in folder.glob("fold*") if (p / "manifest.json").is_file()) == \
+            [f"fold{f}" for f in steps]  # a pruned trial keeps its finished folds; the others never ran
+        config = yaml.safe_load((folder / "fold0" / "config.yaml").read_text())  # the trial's recipe diff
+        assert config["opts"]["optim.lr"] == pytest.approx(t.params["optim.lr"]) and config["opts"]["data.k_folds"] == 3
+        assert config["recipe"]["loss"]["depth_weight"] == pytest.approx(t.params["loss.depth_weight"])
+    record = json.loads((out / "s" / "search.json").read_text())
+    best = max((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    assert record["best_trial"] == best.number and record["mean"] == pytest.approx(best.value)
+    assert record["selection_corrected"] <= record["mean"] and record["n_trials_corrected_for"] == 4
+    assert f"selection-corrected estimate {record['selection_corrected']:.4f}" in proc.stdout
+    assert "dashboard: optuna-dashboard sqlite:///" in proc.stdout
+    with open(out / "s" / "study.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    assert (out / "s" / "plots" / "history.png").is_file() and (out / "s" / "plots" / "params.png").is_file()
+
+
+def test_the_best_two_trials_blend_and_reach_the_leaderboard(study, tmp_path) -> None:
+    out, _ = study
+    complete = sorted((t for t in load(out, "s").get_trials() if t.state.name == "COMPLETE"), key=lambda t: -t.value)
+    names = [f"s/{t.user_attrs['folder']}" for t in complete[:2]]
+    subs = tmp_path / "subs"
+    proc = subprocess.run([sys.executable, "ensemble/blend.py", "--runs-dir", str(out), "--runs", *names,
+                           "--out-dir", str(subs), "--pixels", "20000", "--name", "trials"], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(subs / "leaderboard.csv", newline="") as f:
+        rows = {r["name"]: r for r in csv.DictReader(f)}
+    assert {"trials", *names} <= set(rows)
+    assert float(rows[names[0]]["oof_miou_selected"]) <= float(rows[names[0]]["oof_miou"]) + 1e-9
+    assert "best of 4 trials" in rows[names[0]]["notes"] and rows[names[1]]["oof_miou_selected"] == ""
+
+
+def test_a_killed_search_continues_without_training_a_fold_twice(root, space, tmp_path) -> None:
+    out = tmp_path / "runs"
+    proc = subprocess.Popen(command(root, out, space, "--trials", "1", "--pruner", "none", "--study", "k"), cwd=REPO,
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "k" / "t000"
+    end = time.monotonic() + 240
+    while not (first / "fold1" / "manifest.json").is_file():
+        assert proc.poll() is None and time.monotonic() < end, "the search ended before it could be killed"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = {p: p.stat().st_mtime_ns for f in ("fold0", "fold1") for p in (first / f).iterdir() if p.is_file()}
+    again = search(root, out, space, "--trials", "1", "--pruner", "none", "--study", "k")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "trial 0's worker is gone: failed, its parameters queued again" in again.stdout
+    trials = load(out, "k").get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]  # the asked number of trials: one
+    assert trials[1].params == trials[0].params and trials[1].user_attrs["folder"] == "t000"
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # finished folds untouched
+    assert sorted(trials[1].intermediate_values) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "journal"])
+def test_two_workers_share_one_study_without_a_locking_error(root, space, tmp_path, storage) -> None:
+    out = tmp_path / "runs"
+    extra = ["--storage", f"journal:{tmp_path / 'journal.log'}"] if storage == "journal" else []
+    proc = search(root, out, space, "--trials", "2", "--workers", "2", "--pruner", "none", "--study", "w", *extra)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "locked" not in proc.stdout + proc.stderr
+    import optuna
+
+    url = (optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "journal.log")))
+           if storage == "journal" else f"sqlite:///{out / 'w' / 'study.db'}")
+    trials = optuna.load_study(study_name="w", storage=url).get_trials()
+    assert sorted(t.state.name for t in trials) == ["COMPLETE"] * 2
+    assert len({t.user_attrs["pid"] for t in trials}) == 2  # one trial in each worker, at the same time
+    assert len({t.user_attrs["folder"] for t in trials}) == 2
+
+
+FAKE_SLURM = {
+    "sbatch": 'echo "$@" >> "$SLURM_RECORD/sbatch.args"; cp "$1" "$SLURM_RECORD/script.sh"; '
+              'echo "Submitted batch job 4242"',
+    "sacct": 'echo "JobID|State|NodeList"; for i in 0 1 2; do echo "4242_$i|RUNNING|node1"; done',
+    "scancel": 'echo "$@" >> "$SLURM_RECORD/scancel.args"',
+    "srun": 'echo "$@" >> "$SLURM_RECORD/srun.args"',
+}
+
+
+def test_slurm_launcher_submits_a_fold_array_per_trial(root, space, tmp_path) -> None:
+    bin_dir, record = tmp_path / "bin", tmp_path / "record"
+    bin_dir.mkdir()
+    record.mkdir()
+    for name, body in FAKE_SLURM.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**ENV, "PATH": f"{bin_dir}:{ENV['PATH']}", "SLURM_RECORD": str(record)}
+    out = tmp_path / "runs"
+    proc = subprocess.Popen(command(root, out, space, "--trials", "2", "--launcher", "slurm", "--partition", "gpu",
+                                    "--study", "sl"), cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    end = time.monotonic() + 120
+    while not (record / "script.sh").is_file():
+        assert proc.poll() is None and time.monotonic() < end, proc.stdout.read() if proc.stdout else ""
+        time.sleep(0.1)
+    time.sleep(1.0)  # the job records are written right after sbatch answers
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: the waiting trial's jobs are cancelled
+    proc.communicate(timeout=60)
+    script = (record / "script.sh").read_text()
+    assert "#SBATCH --array=0-2%3" in script and "#SBATCH --partition=gpu" in script  # the trial's 3 folds
+    jobs = [json.loads((out / "sl" / "t000" / f"fold{k}" / "job.json").read_text()) for k in range(3)]
+    assert [j["job_id"] for j in jobs] == ["4242_0", "4242_1", "4242_2"] and {j["launcher"] for j in jobs} == {"slurm"}
+    assert (record / "scancel.args").is_file()
+
+
+@pytest.mark.parametrize("text, words", [
+    ("optim.lrr: {float: [1.0e-4, 1.0e-2], log: true}\n", "unknown recipe key 'optim.lrr'; did you mean optim.lr"),
+    ("optim.lr: {float: [-1.0e-4, 1.0e-2]}\n", "optim.lr: must be > 0"),
+    ("optim.lr: {float: [1, 2\n", "not valid YAML"),
+    ("optim.lr: {float: [1.0e-2, 1.0e-4]}\n", "low 0.01 must be below high 0.0001"),
+    ("model.arch: {choice: [fpn, unet]}\n", "'unet' is not one of fpn, deeplabv3plus"),
+])
+def test_a_bad_space_is_one_error_line_before_any_training(root, tmp_path, text, words) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    start = time.monotonic()
+    proc = search(root, tmp_path / "runs", bad, "--trials", "2", timeout=60)
+    took = time.monotonic() - start
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {bad}") and words in lines[0]
+    assert not (tmp_path / "runs").exists() and took < 5  # checked before optuna or torch is imported
