@@ -31,6 +31,7 @@ from kfold.validate import validate_recipe
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 WAIT_S = 5.0  # a worker with nothing to start waits this long for the running trials to end
+MAX_INVALID = 10
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -138,6 +139,7 @@ def worker(args: argparse.Namespace, opened: tuple[Any, Any] | None = None) -> N
     from kfold.search.trials import run_trial
 
     study, setup = opened or open_search(args, plan(args))
+    invalid = 0  # sampled recipes in a row that the validator refused
     while True:
         for number in retry_stale(study):
             print(f"{setup.study}: trial {number}'s worker is gone: failed, its parameters queued again")
@@ -148,7 +150,10 @@ def worker(args: argparse.Namespace, opened: tuple[Any, Any] | None = None) -> N
         if done + running >= args.trials:  # the last trials are running elsewhere: see whether they finish
             time.sleep(WAIT_S)
             continue
-        run_trial(study, study.ask(), setup)
+        invalid = invalid + 1 if run_trial(study, study.ask(), setup) == "FAIL" else 0
+        if invalid >= MAX_INVALID:
+            raise ConfigError(f"{args.space}: {invalid} sampled recipes in a row did not pass the recipe's validator "
+                              f"(their reasons are in the trials table); narrow the space")
 
 
 def _spawned_worker(argv: list[str]) -> None:

@@ -143,6 +143,8 @@ def write_outputs(study: Any, study_dir: Path, out: str, k: int, storage: str) -
     lines = [table(trial_rows, k), "", *summary(selection, k), "",
              f"wrote {study_dir / 'study.csv'}, {study_dir / 'search.json'}"
              + (", " + ", ".join(str(p) for p in plots) if plots else ""),
+             f"leaderboard: each complete trial left its row in {Path(out) / study.study_name}/tNNN/; "
+             f"foldwise leaderboard (or a blend) adds them to submissions/leaderboard.csv",
              f"dashboard: optuna-dashboard {storage.removeprefix('journal:')}"]
     return "\n".join(lines)
 
