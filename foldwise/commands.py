@@ -67,12 +67,8 @@ def _unknown(word: str, known: Sequence[str], what: str) -> int:
     return _error(f"unknown {what} {word!r}{hint}")
 
 
-def experiment_script(name: str, experiments_dir: Path | None = None) -> Path:
-    """The script of an experiment given by name (``experiments/<name>.py``: of the working folder, else of this
-    checkout, for an editable install run from elsewhere) or by path."""
-    if experiments_dir is None:
-        here = Path("experiments")
-        experiments_dir = here if here.is_dir() else Path(__file__).resolve().parents[1] / "experiments"
+def experiment_script(name: str, experiments_dir: Path = Path("experiments")) -> Path:
+    """The script of an experiment given by name (``experiments/<name>.py``) or by path."""
     path = Path(name)
     if path.suffix != ".py":
         path = experiments_dir / f"{name}.py"

@@ -74,6 +74,13 @@ def cases(tmp: Path, not_hdf5: Path, used: Path, root: Path) -> list[tuple[list[
         (["experiments/exp093_2.py", "--opts", "train.ema_decay", "1.2"], ["train.ema_decay", "1.2"]),
         (["ensemble/blend.py", "--runs-dir", str(missing)], [str(missing)]),
         (["ensemble/blend.py", "--workers", "0"], ["--workers"]),
+        (["-m", "ensemble.compare", "exp093_2", "--runs-dir", str(missing)], ["at least two"]),
+        (["-m", "ensemble.compare", "a", "b", "--runs-dir", str(missing)], [str(missing)]),
+        (["-m", "kfold.search", "exp093_2", "--space", str(missing / "s.yaml"), "--trials", "2", "--out",
+          str(tmp / "r2")], [str(missing / "s.yaml")]),
+        (["-m", "kfold.search", "exp093_2", "--space", "s.yaml", "--trials", "0"], ["--trials"]),
+        (["-m", "kfold.search", "exp093_2", "--space", "s.yaml", "--trials", "2", "--launcher", "local", "--jobs",
+          "0"], ["--jobs 0"]),
         (["-m", "submissions.score", str(missing / "s.csv"), "--labels", str(root / "test_labels")],
          [str(missing / "s.csv")]),
         (["-m", "submissions.leaderboard", "--path", str(tmp / "lb.csv"), "--record-lb", "x", "high"],
@@ -88,7 +95,7 @@ def test_every_entry_point_answers_bad_input_with_one_error_line(tmp_path, not_h
         proc = run(*argv)
         assert_one_error_line(proc, *words)
     assert [p.name for p in used_folder.iterdir()] == ["keep.txt"]  # a refused --out is left as it was
-    for name in ("o1", "o2", "o3", "o4", "s1", "s2", "s3", "r"):  # nothing that looks like a result
+    for name in ("o1", "o2", "o3", "o4", "s1", "s2", "s3", "r", "r2"):  # nothing that looks like a result
         assert not (tmp_path / name).exists(), name
 
 

@@ -67,6 +67,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def plan(args: argparse.Namespace) -> dict[str, Any]:
     """Everything checked before any trial: the experiment, its resolved recipe, the space, the launcher flags."""
     check_launcher_args(args)
+    if not Path(args.space).is_file():
+        raise FileNotFoundError(f"--space {args.space}: no such file")
     script = experiment_script(args.experiment)
     base = runpy.run_path(str(script), run_name="kfold.search.experiment").get("RECIPE")
     if not isinstance(base, dict):
