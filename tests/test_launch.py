@@ -43,13 +43,15 @@ def states(table: str) -> dict[int, str]:
 
 @pytest.fixture(scope="module")
 def local_runs(synthetic_root, tmp_path_factory) -> Path:
-    """Five smoke folds trained by ``--launcher local --jobs 2``, tracked in TensorBoard and MLflow (shared; copy
-    before changing)."""
+    """Five smoke folds trained by ``--launcher local --jobs 2``, tracked in TensorBoard, MLflow and W&B (offline);
+    the launcher's output is kept beside the runs folder as ``launch.out`` (shared; copy before changing)."""
     out = tmp_path_factory.mktemp("launch") / "runs"
+    env = {k: v for k, v in ENV.items() if k != "WANDB_MODE"}
     proc = subprocess.run(experiment(synthetic_root, out, "--launcher", "local", "--jobs", "2",
-                                     "--track", "tensorboard,mlflow"), cwd=REPO,
-                          env=ENV, capture_output=True, text=True, timeout=600)
+                                     "--track", "tensorboard,mlflow,wandb"), cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    (out.parent / "launch.out").write_text(proc.stdout)
     return out
 
 
@@ -101,6 +103,18 @@ def test_parallel_fold_jobs_mirror_their_metrics_to_tensorboard_and_mlflow(local
     assert "warning: tracker" not in logs and "locked" not in logs  # two jobs at once: no database error
     row = json.loads((exp / "leaderboard_row.json").read_text())  # the leaderboard row leads to the curves
     assert f"mlflow:{parents[0].info.run_id}" in row["trackers"] and "tensorboard:" in row["trackers"]
+    assert "wandb:exp093_2" in row["trackers"]
+
+
+def test_wandb_keeps_an_offline_run_per_fold_and_the_launcher_prints_the_sync_command(local_runs) -> None:
+    exp = local_runs / "exp093_2"
+    records = [json.loads((exp / f"fold{k}" / "trackers.json").read_text())["wandb"] for k in range(5)]
+    assert {r["mode"] for r in records} == {"offline"} and {r["group"] for r in records} == {"exp093_2"}
+    for r in records:
+        offline = Path(r["dir"])
+        assert offline.parent == exp / "wandb" and list(offline.glob("run-*.wandb")), r
+    sync = [line for line in (local_runs.parent / "launch.out").read_text().splitlines() if "wandb sync" in line]
+    assert len(sync) == 1 and all(r["dir"] in sync[0] for r in records)
 
 
 def _wait_for(predicate, timeout: float = 120.0) -> None:

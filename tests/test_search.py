@@ -1,6 +1,6 @@
 """``python -m kfold.search`` as a user runs it: a small study read back with Optuna's own ``load_study``, its best
-trials blended and on the leaderboard, a search killed and continued, workers sharing SQLite and a journal file,
-a SLURM launch, and spaces refused before any training. A root of its own with 3 folds keeps it short."""
+trials blended and on the leaderboard, a search killed and continued, and spaces refused before any training. A
+root of its own with 3 folds keeps it short. (Workers and SLURM: tests/test_search_workers.py.)"""
 
 from __future__ import annotations
 
@@ -23,15 +23,16 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SPACE = "optim.lr: {float: [1.0e-4, 1.0e-2], log: true}\nloss.depth_weight: {float: [0.0, 0.5]}\n"
 
 
-def search(root: Path, out: Path, space: Path, *extra: str, env: dict | None = None, timeout: float = 300
+def search(root: Path, out: Path, space: Path, *extra: str, folds: int = 3, timeout: float = 300
            ) -> subprocess.CompletedProcess:
-    return subprocess.run(command(root, out, space, *extra), cwd=REPO, env=env or ENV, capture_output=True,
+    return subprocess.run(command(root, out, space, *extra, folds=folds), cwd=REPO, env=ENV, capture_output=True,
                           text=True, timeout=timeout)
 
 
-def command(root: Path, out: Path, space: Path, *extra: str) -> list[str]:
+def command(root: Path, out: Path, space: Path, *extra: str, folds: int = 3) -> list[str]:
     return [sys.executable, "-m", "kfold.search", "exp093_2", "--space", str(space), "--preset", "smoke",
-            "--data-root", str(root), "--out", str(out), *extra, "--opts", "data.k_folds", "3", "schedule.epochs", "1"]
+            "--data-root", str(root), "--out", str(out), *extra, "--opts", "data.k_folds", str(folds),
+            "schedule.epochs", "1"]
 
 
 def load(out: Path, study: str):
@@ -49,11 +50,15 @@ def root(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def space(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("space") / "space.yaml"
+def make_space(folder: Path) -> Path:
+    path = folder / "space.yaml"
     path.write_text(SPACE)
     return path
+
+
+@pytest.fixture(scope="module")
+def space(tmp_path_factory) -> Path:
+    return make_space(tmp_path_factory.mktemp("space"))
 
 
 @pytest.fixture(scope="module")
@@ -124,57 +129,6 @@ def test_a_killed_search_continues_without_training_a_fold_twice(root, space, tm
     assert trials[1].params == trials[0].params and trials[1].user_attrs["folder"] == "t000"
     assert {p: p.stat().st_mtime_ns for p in kept} == kept  # finished folds untouched
     assert sorted(trials[1].intermediate_values) == [0, 1, 2]
-
-
-@pytest.mark.parametrize("storage", ["sqlite", "journal"])
-def test_two_workers_share_one_study_without_a_locking_error(root, space, tmp_path, storage) -> None:
-    out = tmp_path / "runs"
-    extra = ["--storage", f"journal:{tmp_path / 'journal.log'}"] if storage == "journal" else []
-    proc = search(root, out, space, "--trials", "2", "--workers", "2", "--pruner", "none", "--study", "w", *extra)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "locked" not in proc.stdout + proc.stderr
-    import optuna
-
-    url = (optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "journal.log")))
-           if storage == "journal" else f"sqlite:///{out / 'w' / 'study.db'}")
-    trials = optuna.load_study(study_name="w", storage=url).get_trials()
-    assert sorted(t.state.name for t in trials) == ["COMPLETE"] * 2
-    assert len({t.user_attrs["pid"] for t in trials}) == 2  # one trial in each worker, at the same time
-    assert len({t.user_attrs["folder"] for t in trials}) == 2
-
-
-FAKE_SLURM = {
-    "sbatch": 'echo "$@" >> "$SLURM_RECORD/sbatch.args"; cp "$1" "$SLURM_RECORD/script.sh"; '
-              'echo "Submitted batch job 4242"',
-    "sacct": 'echo "JobID|State|NodeList"; for i in 0 1 2; do echo "4242_$i|RUNNING|node1"; done',
-    "scancel": 'echo "$@" >> "$SLURM_RECORD/scancel.args"',
-    "srun": 'echo "$@" >> "$SLURM_RECORD/srun.args"',
-}
-
-
-def test_slurm_launcher_submits_a_fold_array_per_trial(root, space, tmp_path) -> None:
-    bin_dir, record = tmp_path / "bin", tmp_path / "record"
-    bin_dir.mkdir()
-    record.mkdir()
-    for name, body in FAKE_SLURM.items():
-        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
-        (bin_dir / name).chmod(0o755)
-    env = {**ENV, "PATH": f"{bin_dir}:{ENV['PATH']}", "SLURM_RECORD": str(record)}
-    out = tmp_path / "runs"
-    proc = subprocess.Popen(command(root, out, space, "--trials", "2", "--launcher", "slurm", "--partition", "gpu",
-                                    "--study", "sl"), cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
-    end = time.monotonic() + 120
-    while not (record / "script.sh").is_file():
-        assert proc.poll() is None and time.monotonic() < end, proc.stdout.read() if proc.stdout else ""
-        time.sleep(0.1)
-    time.sleep(1.0)  # the job records are written right after sbatch answers
-    proc.send_signal(signal.SIGINT)  # Ctrl-C: the waiting trial's jobs are cancelled
-    proc.communicate(timeout=60)
-    script = (record / "script.sh").read_text()
-    assert "#SBATCH --array=0-2%3" in script and "#SBATCH --partition=gpu" in script  # the trial's 3 folds
-    jobs = [json.loads((out / "sl" / "t000" / f"fold{k}" / "job.json").read_text()) for k in range(3)]
-    assert [j["job_id"] for j in jobs] == ["4242_0", "4242_1", "4242_2"] and {j["launcher"] for j in jobs} == {"slurm"}
-    assert (record / "scancel.args").is_file()
 
 
 @pytest.mark.parametrize("text, words", [
