@@ -75,8 +75,8 @@ e2e = pytest.mark.e2e  # subprocess runs: the e2e tier
 @e2e
 def test_failing_trackers_warn_once_and_the_fold_completes(synthetic_root, tmp_path) -> None:
     out = tmp_path / "runs"
-    (out / "exp093_2").mkdir(parents=True)
-    (out / "exp093_2" / "wandb").write_text("a file where W&B wants its folder")
+    (out / "exp093_2" / "wandb").mkdir(parents=True)
+    (out / "exp093_2" / "wandb").chmod(0o555)  # read-only: refused even by root, whom permissions do not stop
     proc = one_fold(synthetic_root, out, "--track", "wandb,mlflow",
                     "--opts", "train.mlflow_uri", "http://127.0.0.1:9")  # nothing listens on port 9
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -77,6 +78,19 @@ def tracker_links(record: Mapping[str, Any]) -> str:
     if "tensorboard" in record:
         parts.append(f"tensorboard:{record['tensorboard'].get('logdir', '')}")
     return " ".join(parts)
+
+
+def check_folder(folder: Path) -> Path:
+    """Make ``folder`` (and its parents) and refuse it when it is not writable: by the process, or, for root, whom
+    permissions do not stop, by anyone (a folder the user made read-only is meant to be left alone)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not os.access(path, os.W_OK) or not path.stat().st_mode & 0o222:
+                raise PermissionError(f"{path}: not writable")
+            return folder
+    return folder
 
 
 @contextmanager

@@ -48,6 +48,14 @@ def client(uri: str) -> Any:
     """An ``MlflowClient`` on ``uri``; a SQLite file is created and migrated here when new."""
     from mlflow.tracking import MlflowClient
 
+    from kfold.track import check_folder
+
+    if uri.startswith("sqlite:///"):  # SQLite would open a read-only file read-write as root
+        db = Path(uri.removeprefix("sqlite:///"))
+        check_folder(db.parent)
+        if db.exists() and not db.stat().st_mode & 0o222:
+            raise PermissionError(f"{db}: not writable")
+
     for noisy in ("mlflow", "alembic"):  # a new database's migration prints a dozen INFO lines (set after import:
         logging.getLogger(noisy).setLevel(logging.WARNING)  # mlflow configures its loggers when imported)
     return retried(lambda: MlflowClient(tracking_uri=uri))

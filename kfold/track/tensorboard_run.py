@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from kfold.track import check_folder
+
 
 class TensorBoardRun:
     """Args:
@@ -24,7 +26,7 @@ class TensorBoardRun:
         from torch.utils.tensorboard import SummaryWriter
 
         self.logdir, self.params = Path(logdir), dict(params)
-        self.logdir.mkdir(parents=True, exist_ok=True)
+        check_folder(self.logdir)
         self._writer_type = SummaryWriter
         self.writer: Any = None
 

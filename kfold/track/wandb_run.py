@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from kfold.track import check_folder
+
 INIT_TIMEOUT_S = 60  # wandb.init gives up after this instead of hanging a fold
 
 
@@ -34,10 +36,7 @@ class WandbRun:
 
         self.mode = os.environ.get("WANDB_MODE") or "offline"
         run_id = (recorded or {}).get("run_id") or secrets.token_hex(4)
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        if not os.access(folder, os.W_OK):  # wandb would log the failure and carry on with a run that writes nothing
-            raise PermissionError(f"{folder}: not writable")
+        check_folder(Path(folder) / "wandb")  # wandb would log the failure and go on with a run that writes nothing
         settings = wandb.Settings(silent=True, console="off", disable_git=True, init_timeout=INIT_TIMEOUT_S)
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "foldwise"), group=group, job_type=job_type,
                               name=name, id=run_id, resume="allow", dir=str(folder), mode=self.mode,
