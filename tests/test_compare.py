@@ -74,12 +74,17 @@ def test_stores_of_other_folds_are_refused_in_one_line(runs) -> None:
     assert len(lines) == 1 and "different folds.csv" in lines[0] and "other_folds" in lines[0]
 
 
-@e2e
 @pytest.mark.parametrize("names, message", [(["weak"], "at least two"), (["weak", "weak"], "twice"),
                                             (["weak", "nosuch"], "nosuch: neither an experiment")])
-def test_bad_names_are_one_error_line(runs, names, message) -> None:
-    proc = compare(runs, *names)
-    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+def test_bad_names_are_one_error_line(runs, names, message, capsys) -> None:
+    from ensemble.compare import main
+
+    try:  # in-process: main() is what the command runs
+        code = main([*names, "--runs-dir", str(runs), "--out-dir", str(runs.parent / "subs")])
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
 def _scored(fold_miou: list[float]) -> Scored:

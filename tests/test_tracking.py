@@ -95,7 +95,7 @@ def test_a_blend_logs_to_the_trackers_and_its_leaderboard_row_names_the_runs(smo
     runs = Path(shutil.copytree(smoke_runs, tmp_path / "runs", ignore=shutil.ignore_patterns("last.pt")))
     subs = tmp_path / "subs"
     proc = run("ensemble/blend.py", "--runs-dir", str(runs), "--runs", "exp093_2", "exp093_5", "--name", "tb_blend",
-               "--out-dir", str(subs), "--track", "mlflow,tensorboard", "--pixels", "20000")
+               "--out-dir", str(subs), "--track", "mlflow,tensorboard", "--pixels", "20000", "--workers", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     mlflow.set_tracking_uri(f"sqlite:///{runs / 'mlflow.db'}")
     found = mlflow.search_runs(experiment_names=["foldwise"], output_format="list")
