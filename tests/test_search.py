@@ -99,8 +99,8 @@ def test_the_best_two_trials_blend_and_reach_the_leaderboard(study, tmp_path) ->
     names = [f"s/{t.user_attrs['folder']}" for t in complete[:2]]
     subs = tmp_path / "subs"
     proc = subprocess.run([sys.executable, "ensemble/blend.py", "--runs-dir", str(out), "--runs", *names,
-                           "--out-dir", str(subs), "--pixels", "20000", "--name", "trials", "--workers", "1"], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+                           "--out-dir", str(subs), "--pixels", "20000", "--name", "trials", "--workers", "1"],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(subs / "leaderboard.csv", newline="") as f:
         rows = {r["name"]: r for r in csv.DictReader(f)}
