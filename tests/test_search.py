@@ -121,14 +121,15 @@ def test_a_killed_search_continues_without_training_a_fold_twice(root, space, tm
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     kept = {p: p.stat().st_mtime_ns for f in ("fold0", "fold1") for p in (first / f).iterdir() if p.is_file()}
-    again = search(root, out, space, "--trials", "1", "--pruner", "none", "--study", "k")
+    again = search(root, out, space, "--trials", "2", "--pruner", "none", "--study", "k")  # and one trial more
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "trial 0's worker is gone: failed, its parameters queued again" in again.stdout
     trials = load(out, "k").get_trials()
-    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]  # the asked number of trials: one
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]  # the asked number of trials: two
     assert trials[1].params == trials[0].params and trials[1].user_attrs["folder"] == "t000"
     assert {p: p.stat().st_mtime_ns for p in kept} == kept  # finished folds untouched
     assert sorted(trials[1].intermediate_values) == [0, 1, 2]
+    assert trials[2].params != trials[0].params  # a continued study proposes a new recipe, not the first one again
 
 
 @pytest.mark.parametrize("text, words", [

@@ -40,6 +40,7 @@ def test_two_workers_share_one_study_without_a_locking_error(root, tmp_path, sto
     assert sorted(t.state.name for t in trials) == ["COMPLETE"] * 2
     assert len({t.user_attrs["pid"] for t in trials}) == 2  # one trial in each worker, at the same time
     assert len({t.user_attrs["folder"] for t in trials}) == 2
+    assert trials[0].params != trials[1].params  # the workers' samplers do not repeat each other
 
 
 FAKE_SLURM = {

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from foldwise.cli import ArgumentParser, at_least, run_entry_point
 from foldwise.commands import experiment_script
 from kfold.config import PRESETS, ConfigError, build_recipe, parse_opts, set_key, tracker_list
@@ -103,8 +105,13 @@ def _slurm_flags(args: argparse.Namespace) -> list[str]:
     return flags + [text for item in args.slurm for text in ("--slurm", item)]
 
 
-def open_search(args: argparse.Namespace, checked: dict[str, Any]) -> tuple[Any, Any]:
-    """(the study, the shared setup of its trials); the data root's folds are made once, before any trial."""
+def open_search(args: argparse.Namespace, checked: dict[str, Any], worker: int = 0) -> tuple[Any, Any]:
+    """(the study, the shared setup of its trials); the data root's folds are made once, before any trial.
+
+    The sampler's seed is ``--seed`` mixed with the worker's index and the number of trials the study already
+    holds: a fresh study run by one worker repeats exactly, and neither a second worker nor a continued study
+    proposes again the recipes the first one did (a sampler restarted on the same seed would).
+    """
     import optuna
 
     from kfold.data.layout import open_root
@@ -118,8 +125,9 @@ def open_search(args: argparse.Namespace, checked: dict[str, Any]) -> tuple[Any,
     study_dir = Path(args.out) / checked["study"]
     study = optuna.create_study(storage=open_storage(args.storage, study_dir), study_name=checked["study"],
                                 direction="maximize", load_if_exists=True,
-                                sampler=make_sampler(args.sampler, args.seed),
                                 pruner=make_pruner(args.pruner, args.prune_p))
+    seed = np.random.SeedSequence([args.seed, worker, len(study.get_trials(deepcopy=False))]).generate_state(1)[0]
+    study.sampler = make_sampler(args.sampler, int(seed))
     space_text = Path(args.space).read_text()
     made_for = study.user_attrs.get("experiment"), study.user_attrs.get("space")
     if made_for == (None, None):
@@ -133,14 +141,14 @@ def open_search(args: argparse.Namespace, checked: dict[str, Any]) -> tuple[Any,
     return study, setup
 
 
-def worker(args: argparse.Namespace, opened: tuple[Any, Any] | None = None) -> None:
+def worker(args: argparse.Namespace, opened: tuple[Any, Any] | None = None, index: int = 0) -> None:
     """Run trials until the study holds ``--trials`` complete or pruned ones (one process; several share it)."""
     from optuna.trial import TrialState
 
     from kfold.search.study import finished, retry_stale
     from kfold.search.trials import run_trial
 
-    study, setup = opened or open_search(args, plan(args))
+    study, setup = opened or open_search(args, plan(args), index)
     invalid = 0  # sampled recipes in a row that the validator refused
     while True:
         for number in retry_stale(study):
@@ -158,11 +166,11 @@ def worker(args: argparse.Namespace, opened: tuple[Any, Any] | None = None) -> N
                               f"(their reasons are in the trials table); narrow the space")
 
 
-def _spawned_worker(argv: list[str]) -> None:
+def _spawned_worker(argv: list[str], index: int) -> None:
     from foldwise.cli import one_line
 
     try:
-        worker(parse_args(argv))
+        worker(parse_args(argv), index=index)
     except Exception as err:  # noqa: BLE001 - the controller reports how the worker ended
         print(f"error: worker: {one_line(err)}", file=sys.stderr)
         sys.exit(1)
@@ -173,12 +181,12 @@ def search(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"{checked['study']}: {args.trials} trials of {checked['experiment']} over "
           f"{', '.join(d.key for d in checked['space'])}; {args.workers} worker(s), pruner {args.pruner}, "
           f"runs in {Path(args.out) / checked['study']}", flush=True)
-    opened = open_search(args, checked)  # the storage and the study exist before any worker starts
     if args.workers == 1:
-        worker(args, opened)
+        worker(args, open_search(args, checked))
     else:
+        open_search(args, checked)  # the storage and the study exist before any worker starts
         context = multiprocessing.get_context("spawn")
-        procs = [context.Process(target=_spawned_worker, args=(argv,), name=f"search-worker-{i}")
+        procs = [context.Process(target=_spawned_worker, args=(argv, i), name=f"search-worker-{i}")
                  for i in range(args.workers)]
         for proc in procs:
             proc.start()
