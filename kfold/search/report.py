@@ -150,12 +150,14 @@ def write_outputs(study: Any, study_dir: Path, out: str, k: int, storage: str) -
 
 
 def _mark_leaderboard_row(exp_dir: Path, selection: Selection) -> None:
-    """The best trial's row carries the selection-corrected score (its report wrote the row)."""
+    """The best trial's row (its report wrote it) carries the selection-corrected score on the row's own basis:
+    its pooled OOF mIoU less the same bias, so the two columns of the row compare."""
     path = exp_dir / "leaderboard_row.json"
     if not path.is_file():
         return
     row = read_json_object(path)
-    row["oof_miou_selected"] = None if math.isnan(selection.corrected) else selection.corrected
+    pooled = row.get("oof_miou")
+    row["oof_miou_selected"] = None if pooled is None or math.isnan(selection.bias) else pooled - selection.bias
     row["notes"] = (f"best of {selection.n_trials} trials of study {exp_dir.parent.name}; oof_miou_selected is "
                     f"selection-corrected")
     write_json(path, row)
