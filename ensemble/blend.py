@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import hashlib
 import math
-import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -35,7 +34,7 @@ from ensemble.passes import predict_test, release_freed_heap, score_full_res, wa
 from ensemble.plots import plot_per_class, plot_weights
 from ensemble.record import BlendRecord
 from ensemble.stores import Members, build_sample, open_members
-from foldwise.cli import ArgumentParser, at_least, run_entry_point
+from foldwise.cli import NAME, ArgumentParser, at_least, run_entry_point
 from foldwise.io import check_writable
 from foldwise.leaderboard import leaderboard_row
 from kfold.config import tracker_list
@@ -44,8 +43,6 @@ from kfold.track import TRACKERS, track_blend
 from submissions.leaderboard import read_leaderboard, sync_experiment_rows, upsert_leaderboard
 from submissions.score import score_submission
 from submissions.writer import write_submission
-
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

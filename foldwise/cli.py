@@ -28,6 +28,7 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # a user-given name that becomes a file or folder name
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # terminal colour and cursor codes other libraries put in messages
 
 

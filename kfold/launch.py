@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,21 @@ def job_argv(argv: list[str]) -> list[str]:
             skip = 0 if "=" in item else _LAUNCHER_FLAGS[flag]
             continue
         out.append(item)
+    return out
+
+
+def launcher_argv(argv: Sequence[str]) -> list[str]:
+    """The launcher's own flags of a command line, as typed (what :func:`job_argv` leaves out, less the folds)."""
+    out, keep = [], 0
+    for item in argv:
+        if keep:
+            out.append(item)
+            keep -= 1
+            continue
+        flag = item.split("=", 1)[0]
+        if flag in _LAUNCHER_FLAGS and flag not in ("--fold", "--retrain"):
+            out.append(item)
+            keep = 0 if "=" in item else _LAUNCHER_FLAGS[flag]
     return out
 
 

@@ -177,15 +177,20 @@ FAKE_SLURM = {
 }
 
 
-@pytest.fixture
-def fake_slurm(tmp_path) -> tuple[dict, Path]:
+def slurm_stand_ins(tmp_path: Path, scripts: dict[str, str] = FAKE_SLURM) -> tuple[dict, Path]:
+    """(an environment with ``scripts`` on PATH as SLURM's commands, the folder they record into)."""
     bin_dir, record = tmp_path / "bin", tmp_path / "record"
     bin_dir.mkdir()
     record.mkdir()
-    for name, body in FAKE_SLURM.items():
+    for name, body in scripts.items():
         (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
         (bin_dir / name).chmod(0o755)
     return {**ENV, "PATH": f"{bin_dir}:{ENV['PATH']}", "SLURM_RECORD": str(record)}, record
+
+
+@pytest.fixture
+def fake_slurm(tmp_path) -> tuple[dict, Path]:
+    return slurm_stand_ins(tmp_path)
 
 
 def test_slurm_array_covers_exactly_the_unfinished_folds(local_runs, synthetic_root, tmp_path, fake_slurm) -> None:

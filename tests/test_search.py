@@ -148,3 +148,14 @@ def test_a_bad_space_is_one_error_line_before_any_training(root, tmp_path, text,
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {bad}") and words in lines[0]
     assert not (tmp_path / "runs").exists() and took < 5  # checked before optuna or torch is imported
+
+
+def test_a_trial_command_line_keeps_the_launcher_flags_as_typed(root, space) -> None:
+    from kfold.search.cli import parse_args, plan
+
+    argv = ["exp093_2", "--space", str(space), "--trials", "2", "--data-root", str(root), "--launcher", "slurm",
+            "--partition=gpu", "--slurm", "qos=high", "--track", "none", "--opts", "schedule.epochs", "1"]
+    trial = plan(parse_args(argv), argv)["argv"]
+    assert trial[trial.index("--launcher"):trial.index("--track")] == ["--launcher", "slurm", "--partition=gpu",
+                                                                      "--slurm", "qos=high"]
+    assert trial[trial.index("--track") + 1] == "none" and trial[-3:] == ["--opts", "schedule.epochs", "1"]

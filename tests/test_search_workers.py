@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_search import ENV, REPO, command, make_space, search
+from test_launch import slurm_stand_ins
+from test_search import REPO, command, make_space, search
 
 pytestmark = pytest.mark.e2e
 
@@ -54,13 +55,7 @@ FAKE_SLURM = {
 
 def test_slurm_launcher_submits_a_fold_array_per_trial(root, tmp_path) -> None:
     space = make_space(tmp_path)
-    bin_dir, record = tmp_path / "bin", tmp_path / "record"
-    bin_dir.mkdir()
-    record.mkdir()
-    for name, body in FAKE_SLURM.items():
-        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
-        (bin_dir / name).chmod(0o755)
-    env = {**ENV, "PATH": f"{bin_dir}:{ENV['PATH']}", "SLURM_RECORD": str(record)}
+    env, record = slurm_stand_ins(tmp_path, FAKE_SLURM)
     out = tmp_path / "runs"
     proc = subprocess.Popen(command(root, out, space, "--trials", "2", "--launcher", "slurm", "--partition", "gpu",
                                     "--study", "sl", folds=2), cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)

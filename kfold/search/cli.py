@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import re
 import runpy
 import sys
 import time
@@ -23,15 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from foldwise.cli import ArgumentParser, at_least, run_entry_point
+from foldwise.cli import NAME, ArgumentParser, at_least, run_entry_point
 from foldwise.commands import experiment_script
 from kfold.config import PRESETS, ConfigError, build_recipe, parse_opts, set_key, tracker_list
-from kfold.launch import add_launcher_args, check_launcher_args
+from kfold.launch import add_launcher_args, check_launcher_args, launcher_argv
 from kfold.search.space import read_space
 from kfold.search.study import PRUNERS, SAMPLERS
 from kfold.validate import validate_recipe
 
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 WAIT_S = 5.0  # a worker with nothing to start waits this long for the running trials to end
 MAX_INVALID = 10
 
@@ -66,7 +64,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def plan(args: argparse.Namespace) -> dict[str, Any]:
+def plan(args: argparse.Namespace, raw_argv: Sequence[str]) -> dict[str, Any]:
     """Everything checked before any trial: the experiment, its resolved recipe, the space, the launcher flags."""
     check_launcher_args(args)
     if not Path(args.space).is_file():
@@ -86,23 +84,12 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
     if clash:
         raise ConfigError(f"{args.space}: {clash[0]} is searched and also fixed by --opts; keep one")
     study = args.study or f"{script.stem}_search"
+    # The trial's command line: the user's launcher flags as typed, then the fixed --opts (parameters follow).
     argv = ["--preset", args.preset, "--data-root", recipe.data.root, "--out", args.out, "--wait",
-            "--launcher", args.launcher, *(["--jobs", str(args.jobs)] if args.jobs else []),
-            *_slurm_flags(args), *(["--track", ",".join(args.track)] if args.track is not None else []),
+            *launcher_argv(raw_argv), *(["--track", ",".join(args.track) or "none"] if args.track is not None else []),
             "--opts", *args.opts]
     return {"script": script, "experiment": script.stem, "base": base, "recipe": recipe, "space": space,
             "study": study, "argv": argv}
-
-
-def _slurm_flags(args: argparse.Namespace) -> list[str]:
-    if args.launcher != "slurm":
-        return []
-    flags = ["--gpus-per-fold", str(args.gpus_per_fold), "--cpus-per-fold", str(args.cpus_per_fold), "--time",
-             args.time, "--array-parallelism", str(args.array_parallelism)]
-    for flag, value in (("--partition", args.partition), ("--account", args.account), ("--mem-gb", args.mem_gb)):
-        if value:
-            flags += [flag, str(value)]
-    return flags + [text for item in args.slurm for text in ("--slurm", item)]
 
 
 def open_search(args: argparse.Namespace, checked: dict[str, Any], worker: int = 0) -> tuple[Any, Any]:
@@ -141,14 +128,14 @@ def open_search(args: argparse.Namespace, checked: dict[str, Any], worker: int =
     return study, setup
 
 
-def worker(args: argparse.Namespace, opened: tuple[Any, Any] | None = None, index: int = 0) -> None:
+def worker(args: argparse.Namespace, opened: tuple[Any, Any]) -> None:
     """Run trials until the study holds ``--trials`` complete or pruned ones (one process; several share it)."""
     from optuna.trial import TrialState
 
     from kfold.search.study import finished, retry_stale
     from kfold.search.trials import run_trial
 
-    study, setup = opened or open_search(args, plan(args), index)
+    study, setup = opened
     invalid = 0  # sampled recipes in a row that the validator refused
     while True:
         for number in retry_stale(study):
@@ -170,14 +157,15 @@ def _spawned_worker(argv: list[str], index: int) -> None:
     from foldwise.cli import one_line
 
     try:
-        worker(parse_args(argv), index=index)
+        args = parse_args(argv)
+        worker(args, open_search(args, plan(args, argv), index))
     except Exception as err:  # noqa: BLE001 - the controller reports how the worker ended
         print(f"error: worker: {one_line(err)}", file=sys.stderr)
         sys.exit(1)
 
 
 def search(args: argparse.Namespace, argv: list[str]) -> int:
-    checked = plan(args)
+    checked = plan(args, argv)
     print(f"{checked['study']}: {args.trials} trials of {checked['experiment']} over "
           f"{', '.join(d.key for d in checked['space'])}; {args.workers} worker(s), pruner {args.pruner}, "
           f"runs in {Path(args.out) / checked['study']}", flush=True)

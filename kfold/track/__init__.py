@@ -209,36 +209,44 @@ def _mlflow_uri(recipe: Recipe, runs_dir: str | Path) -> str:
     return recipe.train.mlflow_uri or default_mlflow_uri(runs_dir)
 
 
+def _openers(trackers: Sequence[str], params: Mapping[str, Any], tb_dir: Path, wandb: Mapping[str, Any],
+             mlflow: Callable[[], Any]) -> dict[str, Callable[[], Any]]:
+    """One call per tracker that starts its run: TensorBoard in ``tb_dir``, W&B with ``wandb``'s folder and names,
+    MLflow by ``mlflow``; each imports its package only when called."""
+
+    def tensorboard() -> Any:
+        from kfold.track.tensorboard_run import TensorBoardRun
+
+        return TensorBoardRun(tb_dir, params)
+
+    def wandb_run() -> Any:
+        from kfold.track.wandb_run import WandbRun
+
+        return WandbRun(config=params, **wandb)
+
+    made = {"tensorboard": tensorboard, "mlflow": mlflow, "wandb": wandb_run}
+    return {name: made[name] for name in trackers}
+
+
 def open_fold(recipe: Recipe, runs_dir: str | Path, fold: int) -> Tracking:
     """The trackers of one fold (``train.track``), continuing the runs its ``trackers.json`` names."""
     exp_dir = Path(runs_dir) / recipe.name
     run_dir = exp_dir / f"fold{fold}"
-    recorded = read_record(run_dir / RECORD)
-    params = recipe_params(recipe)
-    openers: dict[str, Callable[[], Any]] = {}
-    for name in recipe.train.track:
-        if name == "tensorboard":
-            def opener() -> Any:
-                from kfold.track.tensorboard_run import TensorBoardRun
+    recorded, params = read_record(run_dir / RECORD), recipe_params(recipe)
 
-                return TensorBoardRun(exp_dir / "tb" / f"fold{fold}", params)
-        elif name == "mlflow":
-            def opener() -> Any:
-                from kfold.track.mlflow_run import MlflowRun, parent_run
+    def mlflow() -> Any:
+        from kfold.track.mlflow_run import MlflowRun, parent_run
 
-                with _locked(exp_dir):
-                    parent = parent_run(recipe, exp_dir, _mlflow_uri(recipe, runs_dir))
-                return MlflowRun.child(parent, f"{recipe.name}/fold{fold}", params,
-                                       {"foldwise.experiment": recipe.name, "foldwise.fold": str(fold),
-                                        "foldwise.run_dir": str(run_dir.resolve())}, recorded.get("mlflow"))
-        else:
-            def opener() -> Any:
-                from kfold.track.wandb_run import WandbRun
+        with _locked(exp_dir):
+            parent = parent_run(recipe, exp_dir, _mlflow_uri(recipe, runs_dir))
+        return MlflowRun.child(parent, f"{recipe.name}/fold{fold}", params,
+                               {"foldwise.experiment": recipe.name, "foldwise.fold": str(fold),
+                                "foldwise.run_dir": str(run_dir.resolve())}, recorded.get("mlflow"))
 
-                return WandbRun(exp_dir, group=recipe.name, job_type=f"fold{fold}", name=f"{recipe.name}/fold{fold}",
-                                config=params, recorded=recorded.get("wandb"))
-        openers[name] = opener
-    return Tracking(openers, run_dir / RECORD)
+    wandb = {"folder": exp_dir, "group": recipe.name, "job_type": f"fold{fold}", "name": f"{recipe.name}/fold{fold}",
+             "recorded": recorded.get("wandb")}
+    return Tracking(_openers(recipe.train.track, params, exp_dir / "tb" / f"fold{fold}", wandb, mlflow),
+                    run_dir / RECORD)
 
 
 def track_blend(name: str, trackers: Sequence[str], runs_dir: str | Path, mlflow_uri: str | None,
@@ -246,26 +254,15 @@ def track_blend(name: str, trackers: Sequence[str], runs_dir: str | Path, mlflow
     """Log a finished blend as one run of each tracker (params: members, weights, temperatures; the summary:
     in-sample, nested and test scores); returns the leaderboard's ``trackers`` cell."""
     folder = Path(runs_dir) / "blends" / name
-    uri = mlflow_uri or default_mlflow_uri(runs_dir)
-    openers: dict[str, Callable[[], Any]] = {}
-    for tracker in trackers:
-        if tracker == "tensorboard":
-            def opener() -> Any:
-                from kfold.track.tensorboard_run import TensorBoardRun
 
-                return TensorBoardRun(folder / "tb", params)
-        elif tracker == "mlflow":
-            def opener() -> Any:
-                from kfold.track.mlflow_run import MlflowRun
+    def mlflow() -> Any:
+        from kfold.track.mlflow_run import MlflowRun
 
-                return MlflowRun.new(uri, name, params, {"foldwise.kind": "blend", "foldwise.blend": name})
-        else:
-            def opener() -> Any:
-                from kfold.track.wandb_run import WandbRun
+        return MlflowRun.new(mlflow_uri or default_mlflow_uri(runs_dir), name, params,
+                             {"foldwise.kind": "blend", "foldwise.blend": name})
 
-                return WandbRun(folder, group=name, job_type="blend", name=name, config=params)
-        openers[tracker] = opener
-    tracking = Tracking(openers, folder / RECORD)
+    wandb = {"folder": folder, "group": name, "job_type": "blend", "name": name}
+    tracking = Tracking(_openers(trackers, params, folder / "tb", wandb, mlflow), folder / RECORD)
     tracking.finish(summary)
     return tracker_links(read_record(folder / RECORD))
 

@@ -164,13 +164,16 @@ class MlflowRun:
     def record(self) -> dict[str, str]:
         return {"uri": self.uri, "experiment_id": self.experiment_id, "run_id": self.run_id}
 
-    def log(self, metrics: Mapping[str, float], step: int) -> None:
+    def _write(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
-        self._check_written()
         now = int(time.time() * 1000)
         batch = [Metric(k, v, now, step) for k, v in metrics.items()]
-        self._pending.append(self._writer.submit(retried, lambda: self.mlflow.log_batch(self.run_id, metrics=batch)))
+        retried(lambda: self.mlflow.log_batch(self.run_id, metrics=batch))
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        self._check_written()
+        self._pending.append(self._writer.submit(self._write, dict(metrics), step))
 
     def finish(self, summary: Mapping[str, float], files: Mapping[str, str], ok: bool) -> None:
         try:
@@ -178,11 +181,7 @@ class MlflowRun:
         finally:
             self._writer.shutdown(wait=True)
         if summary:
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            batch = [Metric(k, v, now, 0) for k, v in summary.items()]
-            retried(lambda: self.mlflow.log_batch(self.run_id, metrics=batch))
+            self._write(summary, 0)
         for name, ref in files.items():
             retried(lambda n=name, r=ref: self.mlflow.set_tag(self.run_id, f"foldwise.file.{n}", r))
         retried(lambda: self.mlflow.set_terminated(self.run_id, "FINISHED" if ok else "FAILED"))
