@@ -22,16 +22,17 @@ import json
 import math
 import os
 import sys
+import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from foldwise.io import read_text, sha256_file, write_json
-from kfold.config import Recipe, to_dict
+from kfold.config import Recipe, Tracker, to_dict
 from kfold.rundir import flatten_recipe
 
-TRACKERS = ("tensorboard", "mlflow", "wandb")
+TRACKERS: tuple[str, ...] = typing.get_args(Tracker)  # the names train.track takes
 RECORD = "trackers.json"
 MLFLOW_EXPERIMENT = "foldwise"
 POSITION_KEYS = ("epoch", "iteration")  # a metrics.csv row's step, not a metric
