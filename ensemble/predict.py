@@ -79,12 +79,18 @@ def member_probs(member: LoadedMember, images: Sequence[np.ndarray], depths: Seq
     return mean_of_folds(per_fold)
 
 
+def predict_probs(members: list[LoadedMember], blend: BlendBundle, images: Sequence[np.ndarray],
+                  depths: Sequence[np.ndarray | None], device: torch.device) -> torch.Tensor:
+    """The blend's probabilities (n, C, h, w) on its grid for a batch of equally sized images."""
+    grid = blend_grid([m.bundle.store_size for m in members])
+    probs = [to_grid(member_probs(m, images, depths, device), grid) for m in members]
+    return blend_on_grid(probs, (blend.weights, blend.temperatures))
+
+
 def predict_masks(members: list[LoadedMember], blend: BlendBundle, images: Sequence[np.ndarray],
                   depths: Sequence[np.ndarray | None], device: torch.device) -> tuple[np.ndarray, torch.Tensor]:
     """(class ids (n, H, W) uint8, blended probabilities on the grid) of a batch of equally sized images."""
-    grid = blend_grid([m.bundle.store_size for m in members])
-    probs = [to_grid(member_probs(m, images, depths, device), grid) for m in members]
-    blended = blend_on_grid(probs, (blend.weights, blend.temperatures))
+    blended = predict_probs(members, blend, images, depths, device)
     return full_res_argmax(blended, blend.image_size).numpy(), blended  # the steps of ensemble.stores.blend_argmax
 
 

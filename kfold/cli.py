@@ -32,6 +32,11 @@ STORE_FILES = ("oof.npy", "test.npy", "model.safetensors")  # a fold's trackers 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> ArgumentParser:
+    """The experiment scripts' command line (``ensemble.distill`` adds a student's own flags to it)."""
     p = ArgumentParser(description="Train and predict the folds of one experiment.")
     p.add_argument("--fold", default="all", help="'all' (default), one fold '0' or a list '0,2,4'")
     p.add_argument("--data-root", "--data_root", dest="data_root", help="dataset root (default: data.root)")
@@ -57,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--retrain", action="store_true",
                    help="retrain folds that finished (or started) under a different recipe, discarding their results")
     add_launcher_args(p)
-    return p.parse_args(argv)
+    return p
 
 
 def resolve_recipe(name: str, base: dict[str, Any], args: argparse.Namespace) -> Recipe:
@@ -123,6 +128,7 @@ def _train_and_predict(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[
     from kfold.models import amp_dtype, load_weights, model_from_recipe
     from kfold.plots import plot_curves
     from kfold.splits import folds_sha256
+    from kfold.store.teacher import cite, open_teacher, teacher_dir
     from kfold.store.write import format_final_table, predict_fold
     from kfold.track import final_summary, open_fold
     from kfold.train import fit_fold
@@ -132,6 +138,12 @@ def _train_and_predict(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[
     setup_logging(run_dir, dist)
     for note in notes:
         log.info(note)
+    teacher = None
+    if recipe.distill.teacher:  # checked before the first write: a broken provenance leaves the fold as it was
+        folder = teacher_dir(args.out, recipe.name, fold)
+        teacher = open_teacher(folder, fold, recipe.distill.teacher, train_ids, recipe.distill.pseudo_test)
+        log.info("distill: fold %d learns from %s (blend %s: %s, fold %d models only)", fold, folder,
+                 recipe.distill.teacher, ", ".join(m["experiment"] for m in teacher.manifest["members"]), fold)
     if dist.is_main:
         for stale in run_dir.glob(".*.tmp"):  # left by a killed write; never read, only taking space
             stale.unlink(missing_ok=True)
@@ -142,7 +154,7 @@ def _train_and_predict(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[
             log.info("%s fold %d: %d train / %d validation images -> %s", recipe.name, fold, len(train_ids),
                      len(val_ids), run_dir)
             fit_fold(recipe, root, run_dir, train_ids, val_ids, dist, resume=args.resume,
-                     weights_path=args.weights_path, on_row=tracking.log_row if tracking else None)
+                     weights_path=args.weights_path, on_row=tracking.log_row if tracking else None, teacher=teacher)
             if dist.is_main:
                 plot_curves(run_dir / "metrics.csv", run_dir / "plots" / "curves.png")
         barrier()
@@ -153,7 +165,9 @@ def _train_and_predict(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[
             model = model_from_recipe(recipe, root.num_classes, pretrained=False).to(dist.device)
             load_weights(model, weights)
             result = predict_fold(model, recipe, root, fold, val_ids, run_dir, dist.device, folds_sha256(root),
-                                  recipe.name, amp=amp_dtype(recipe.train.amp, dist.device))
+                                  recipe.name, amp=amp_dtype(recipe.train.amp, dist.device),
+                                  teacher=cite(teacher_dir(args.out, recipe.name, fold), teacher.manifest)
+                                  if teacher else None)
             log.info("%s fold %d: OOF mIoU %.4f (TTA, full resolution)", recipe.name, fold, result["oof_miou"])
             log.info("final metrics (%s):\n%s", run_dir / "final_metrics.csv",
                      format_final_table((run_dir / "final_metrics.csv").read_text()))

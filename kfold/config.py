@@ -134,6 +134,21 @@ class OOFConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation from a finished blend (``ensemble.distill``; the teacher of fold k is the blend's fold-k models).
+
+    Loss: the recipe's CE on labelled pixels + alpha x T^2 x KL(teacher || student) on every pixel the teacher
+    covers (its probabilities resized with the crop; pixels an augmentation invents are not covered).
+    """
+
+    teacher: str | None = None  # a blend's name: submissions/<teacher>.json (null: no distillation)
+    alpha: float = 1.0  # weight of the soft-target term
+    temperature: float = 1.0  # T of both softmaxes in the KL term
+    pseudo_test: bool = False  # also train fold k on the test images with the fold-k teacher's targets
+    min_confidence: float = 0.0  # pseudo-labelled pixels whose teacher confidence is below this carry nothing
+
+
+@dataclass
 class Recipe:
     name: str = "exp"
     data: DataConfig = field(default_factory=DataConfig)
@@ -144,6 +159,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     tta: TTARecipe = field(default_factory=TTARecipe)
     oof: OOFConfig = field(default_factory=OOFConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 @dataclass(frozen=True)

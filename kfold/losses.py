@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kfold.config import DepthLoss, Weighting
+from tta.functional import apply_temperature
 
 __all__ = ["SegDepthLoss", "berhu_loss", "edge_aware_smoothness", "l1_depth_loss", "label_boundaries",
-           "parts_as_floats"]
+           "parts_as_floats", "soft_target_loss"]
 
 DEPTH_LOSSES = typing.get_args(DepthLoss)
 WEIGHTINGS = typing.get_args(Weighting)
@@ -122,7 +123,8 @@ class SegDepthLoss(nn.Module):
     Fixed weighting: ``ce + depth_weight * depth + smoothness_weight * smooth``. Kendall weighting
     (Kendall et al. 2018): ``exp(-2 s_seg) * ce + s_seg + 0.5 * exp(-2 s_depth) * depth + s_depth
     + smoothness_weight * smooth`` with learnable log-sigmas ``s`` clamped to [-2, 2]; ``depth_weight``
-    is not used there (the learnt weight replaces it).
+    is not used there (the learnt weight replaces it). Given a teacher's probabilities, either adds
+    ``distill_alpha * soft`` (:func:`soft_target_loss`).
 
     Args:
         num_classes: number of segmentation classes C.
@@ -138,6 +140,8 @@ class SegDepthLoss(nn.Module):
         ignore_index: label value of unlabelled pixels.
         berhu_threshold: ``"max_fraction"`` or ``"percentile"`` (see :func:`berhu_loss`).
         berhu_c: its fraction or quantile; None = 0.2 for max_fraction, 0.8 for percentile.
+        distill_alpha: weight of the soft-target term (:func:`soft_target_loss`) when targets are given.
+        distill_temperature: its temperature.
     """
 
     def __init__(
@@ -154,6 +158,8 @@ class SegDepthLoss(nn.Module):
         ignore_index: int = 255,
         berhu_threshold: str = "max_fraction",
         berhu_c: float | None = None,
+        distill_alpha: float = 0.0,
+        distill_temperature: float = 1.0,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -192,6 +198,10 @@ class SegDepthLoss(nn.Module):
         self.depth_weight = float(depth_weight)
         self.weighting = weighting
         self.smoothness_weight = float(smoothness_weight)
+        if distill_alpha < 0 or not distill_temperature > 0:
+            raise ValueError(f"need distill_alpha >= 0 and distill_temperature > 0, got {distill_alpha}, "
+                             f"{distill_temperature}")
+        self.distill_alpha, self.distill_temperature = float(distill_alpha), float(distill_temperature)
         self.ignore_index = ignore_index
         weights = torch.tensor(class_weights) if class_weights is not None else torch.ones(num_classes)
         # Not persistent: it comes from the recipe, so the state dict holds only the learnt log-sigmas.
@@ -246,6 +256,7 @@ class SegDepthLoss(nn.Module):
         label: Tensor,
         depth: Tensor | None = None,
         image: Tensor | None = None,
+        soft: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss and its parts.
 
@@ -255,12 +266,14 @@ class SegDepthLoss(nn.Module):
             label: ``(B, H, W)`` class ids, ``ignore_index`` = ignore.
             depth: ``(B, 1, H, W)`` (or ``(B, H, W)``) depth in metres, 0 = missing.
             image: ``(B, 3+, H, W)`` network input; its first 3 channels drive the smoothness term.
+            soft: ``(B, C, H, W)`` a teacher's probabilities (distillation), or None.
 
         Returns:
             ``(total, parts)``; parts holds detached 0-d float32 tensors "ce", "depth", "smooth", "total" and,
-            under Kendall weighting, "sigma_seg" and "sigma_depth" (:func:`parts_as_floats` reads them).
+            under Kendall weighting, "sigma_seg" and "sigma_depth", with soft targets "distill"
+            (:func:`parts_as_floats` reads them).
         """
-        self._check_inputs(seg_logits, depth_pred, label, depth, image)
+        self._check_inputs(seg_logits, depth_pred, label, depth, image, soft)
         label = label.long()
         ce = self.seg_loss(seg_logits, label)
         zero = torch.zeros((), device=seg_logits.device)
@@ -289,6 +302,9 @@ class SegDepthLoss(nn.Module):
         else:
             total = ce + self.depth_weight * depth_term
         total = total + self.smoothness_weight * smooth
+        if soft is not None:
+            extra["distill"] = soft_target_loss(seg_logits, soft, self.distill_temperature)
+            total = total + self.distill_alpha * extra["distill"]
 
         # Tensors, not floats: reading a number off the GPU waits for it, and the training loop sums the parts
         # on the device, reading them once every few steps.
@@ -302,6 +318,7 @@ class SegDepthLoss(nn.Module):
         label: Tensor,
         depth: Tensor | None,
         image: Tensor | None,
+        soft: Tensor | None,
     ) -> None:
         if seg_logits.dim() != 4 or seg_logits.shape[1] != self.num_classes:
             raise ValueError(f"seg_logits must be (B, {self.num_classes}, h, w), got {tuple(seg_logits.shape)}")
@@ -321,9 +338,32 @@ class SegDepthLoss(nn.Module):
         ):
             shape = None if depth is None else tuple(depth.shape)
             raise ValueError(f"depth must be (B, 1, H, W) when depth_loss={self.depth_loss!r}, got {shape}")
+        if soft is not None and (soft.dim() != 4 or soft.shape[:2] != seg_logits.shape[:2]):
+            raise ValueError(f"soft must be (B, {self.num_classes}, H, W) teacher probabilities, got {tuple(soft.shape)}")
         if self.smoothness_weight > 0 and (image is None or image.dim() != 4 or image.shape[1] < 3):
             shape = None if image is None else tuple(image.shape)
             raise ValueError(f"image must be (B, 3+, H, W) when smoothness_weight > 0, got {shape}")
+
+
+def soft_target_loss(seg_logits: Tensor, soft: Tensor, temperature: float = 1.0) -> Tensor:
+    """T^2 x KL(teacher || student) per covered pixel, averaged over them (Hinton et al. 2015, per pixel).
+
+    Args:
+        seg_logits: ``(B, C, h, w)`` student logits; resized bilinearly to the targets' size when they differ.
+        soft: ``(B, C, H, W)`` teacher probabilities; a pixel whose probabilities sum to 0 is not covered (one an
+            augmentation invented, or a pseudo-label below ``distill.min_confidence``) and counts for nothing.
+        temperature: T of both softmaxes; the T^2 keeps the gradient's size independent of T.
+
+    Returns:
+        A 0-d tensor (0 with a graph when no pixel is covered).
+    """
+    logits = _resize(seg_logits.float(), tuple(soft.shape[-2:]))
+    covered = soft.float().sum(1) > 0
+    teacher = apply_temperature(soft, temperature, dim=1)  # float32, floored: log of a 0 stays finite
+    log_student = F.log_softmax(logits / temperature, dim=1)
+    per_pixel = (teacher * (teacher.log() - log_student)).sum(1) * covered
+    den = covered.sum()
+    return per_pixel.sum() / torch.where(den > 0, den, torch.ones_like(den)) * temperature**2
 
 
 def parts_as_floats(parts: dict[str, Tensor]) -> dict[str, float]:

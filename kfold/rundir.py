@@ -95,6 +95,8 @@ def recipe_differences(run_dir: Path, recipe: Recipe, data_root: Path | None = N
     except (OSError, yaml.YAMLError, TypeError, KeyError):
         return [CONFIG]
     new = flatten_recipe(to_dict(recipe))
+    # A key added after the fold was recorded is absent from its record: the fold ran with that key's default.
+    old = {**flatten_recipe(to_dict(Recipe())), **old}
     neutral = set(RESULT_NEUTRAL_KEYS) - (set(STREAMING_RESULT_KEYS) if recipe.data.streaming else set())
     keys = sorted(k for k in set(old) | set(new) if k not in neutral and old.get(k) != new.get(k))
     if data_root is not None and record.get("data_root") != str(Path(data_root).resolve()):

@@ -14,7 +14,7 @@ import torch
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from kfold.checkpoint import (
@@ -35,6 +35,7 @@ from kfold.distributed import DistInfo, all_reduce_sum, broadcast_buffers
 from kfold.losses import SegDepthLoss, parts_as_floats
 from kfold.metrics import DepthMeter, confusion_matrix_torch, iou_per_class, mean_iou, pixel_accuracy
 from kfold.models import amp_dtype, model_from_recipe
+from kfold.store.teacher import TeacherTargets
 from kfold.weights import init_from, write_init_report
 from tta import split_output
 
@@ -73,7 +74,8 @@ def build_loss(recipe: Recipe, classes: Sequence[str]) -> SegDepthLoss:
         boundary_weight=cfg.boundary_weight, boundary_width=cfg.boundary_width, ohem_fraction=cfg.ohem_fraction,
         depth_loss=cfg.depth_loss if recipe.model.depth_head else "none", depth_weight=cfg.depth_weight,
         berhu_threshold=cfg.berhu_threshold, berhu_c=cfg.berhu_c,
-        weighting=cfg.weighting, smoothness_weight=cfg.smoothness_weight)
+        weighting=cfg.weighting, smoothness_weight=cfg.smoothness_weight,
+        distill_alpha=recipe.distill.alpha, distill_temperature=recipe.distill.temperature)
 
 
 def build_optimizer(model: nn.Module, loss_fn: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
@@ -102,6 +104,15 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, warmup_ratio: 
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class WithPseudoLabels(ConcatDataset):
+    """Fold k's training images, then the test images pseudo-labelled by the fold-k teacher (one transform, so
+    :class:`SeededSamples` seeds both)."""
+
+    def __init__(self, train_set: SegmentationDataset, test_set: SegmentationDataset) -> None:
+        super().__init__([train_set, test_set])
+        self.transform = train_set.transform
+
+
 @dataclass
 class FoldData:
     train_loader: DataLoader
@@ -111,13 +122,24 @@ class FoldData:
 
 
 def build_loaders(recipe: Recipe, root: DataRoot, train_ids: Sequence[str], val_ids: Sequence[str],
-                  dist: DistInfo) -> FoldData:
-    """Training loader (DistributedSampler under torchrun) and this rank's unpadded share of validation."""
+                  dist: DistInfo, teacher: TeacherTargets | None = None) -> FoldData:
+    """Training loader (DistributedSampler under torchrun) and this rank's unpadded share of validation.
+
+    ``teacher``: the fold's teacher targets (distillation); with ``distill.pseudo_test`` the test images join
+    the training set with the teacher's pseudo-labels.
+    """
     d = recipe.data
-    train_set = SegmentationDataset(
+    transform = TrainTransform(d.input_size, d.crop_size, hflip=d.hflip, scale_limit=d.scale_limit,
+                               rotate_limit=d.rotate_limit, color_jitter=d.color_jitter)
+    train_set: SegmentationDataset | WithPseudoLabels = SegmentationDataset(
         root, "train", train_ids, in_channels=d.in_channels, depth_target=recipe.loss.depth_target,
-        transform=TrainTransform(d.input_size, d.crop_size, hflip=d.hflip, scale_limit=d.scale_limit,
-                                  rotate_limit=d.rotate_limit, color_jitter=d.color_jitter))
+        transform=transform, teacher=teacher)
+    if teacher is not None and recipe.distill.pseudo_test:
+        pseudo = SegmentationDataset(root, "test", teacher.ids("test"), transform, d.in_channels, with_labels=False,
+                                     teacher=teacher, min_confidence=recipe.distill.min_confidence)
+        train_set = WithPseudoLabels(train_set, pseudo)
+        log.info("distill.pseudo_test: %d test images pseudo-labelled by the fold-%d teacher join the training set",
+                 len(pseudo), teacher.fold)
     samples = SeededSamples(train_set, recipe.train.seed)
     sampler = DistributedSampler(samples, dist.world_size, dist.rank, shuffle=True, seed=recipe.train.seed,
                                  drop_last=True) if dist.enabled else None
@@ -196,9 +218,11 @@ def train_steps(model: nn.Module, train_model: nn.Module, ema: ModelEmaV3, loss_
         if step >= steps:
             break
         image, label, depth = (batch[k].to(device, non_blocking=True) for k in ("image", "label", "depth"))
+        soft = batch["soft"].to(device, non_blocking=True) if "soft" in batch else None
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             seg, depth_pred = split_output(train_model(image))
-        loss, parts = loss_fn(seg.float(), None if depth_pred is None else depth_pred.float(), label, depth, image)
+        loss, parts = loss_fn(seg.float(), None if depth_pred is None else depth_pred.float(), label, depth, image,
+                              soft)
         if scaler is not None and not torch.isfinite(loss):
             if skipped >= MAX_SKIPPED_STEPS:
                 raise FloatingPointError(f"loss is {loss.item()} at {stretch}, step {step + 1}; "
@@ -363,7 +387,7 @@ class IterationPlan:
 
 def fit_fold(recipe: Recipe, root: DataRoot, run_dir: Path, train_ids: Sequence[str], val_ids: Sequence[str],
              dist: DistInfo, resume: bool = False, weights_path: str | None = None,
-             on_row: Callable[[dict], None] | None = None) -> list[dict]:
+             on_row: Callable[[dict], None] | None = None, teacher: TeacherTargets | None = None) -> list[dict]:
     """Train one fold and write ``metrics.csv``, ``last.pt`` and ``model.safetensors`` (EMA).
 
     Epoch recipes validate and checkpoint every epoch; ``schedule.unit iterations`` every ``train.eval_every``
@@ -378,6 +402,7 @@ def fit_fold(recipe: Recipe, root: DataRoot, run_dir: Path, train_ids: Sequence[
         resume: continue from ``run_dir/last.pt`` when it exists.
         weights_path: initial weights (safetensors or checkpoint); ignored when resuming.
         on_row: called on the main process with each metrics row as it is made (the trackers' mirror).
+        teacher: the fold's teacher targets when the recipe distils (``distill.teacher``).
 
     Returns:
         One metrics row per evaluation.
@@ -387,7 +412,7 @@ def fit_fold(recipe: Recipe, root: DataRoot, run_dir: Path, train_ids: Sequence[
     model = fold_model(recipe, root, run_dir, dist, weights_path)
     loss_fn = build_loss(recipe, root.classes).to(device)
     optimizer = build_optimizer(model, loss_fn, recipe)
-    data = build_loaders(recipe, root, train_ids, val_ids, dist)
+    data = build_loaders(recipe, root, train_ids, val_ids, dist, teacher)
     plan = IterationPlan(recipe, data, dist) if recipe.schedule.unit == "iterations" else EpochPlan(recipe, data)
     s = recipe.schedule
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(

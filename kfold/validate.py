@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from foldwise.cli import NAME
 from kfold.config import ConfigError, Recipe, choices
 
 if TYPE_CHECKING:
@@ -82,6 +83,9 @@ RANGES: dict[str, Callable[[Any], str | None]] = {
     "tta.stride": _at_least(1),
     "oof.scale": _within(0, 1, open_low=True),
     "oof.batch_size": _at_least(1),
+    "distill.alpha": _at_least(0),
+    "distill.temperature": _above(0),
+    "distill.min_confidence": _within(0, 1, open_high=True),
 }
 
 
@@ -125,6 +129,7 @@ def _check_relations(recipe: Recipe) -> None:
             raise ConfigError(f"model.init_key_map: {pattern!r} is not a regular expression ({err})") from None
     _check_iterations(recipe)
     _check_tracking(recipe)
+    _check_distill(recipe)
     if not recipe.tta.scales:
         raise ConfigError("tta.scales: give at least one scale, e.g. [1.0]")
     for name, weight in loss.class_weights.items():
@@ -155,6 +160,19 @@ def _check_tracking(recipe: Recipe) -> None:
     uri = recipe.train.mlflow_uri
     if uri is not None and not re.match(r"[a-z][a-z0-9+.-]*:", uri):
         raise ConfigError(f"train.mlflow_uri: {uri!r} is not a URI; e.g. sqlite:///runs/mlflow.db or http://host:5000")
+
+
+def _check_distill(recipe: Recipe) -> None:
+    d = recipe.distill
+    if d.teacher is None:
+        if d.pseudo_test:
+            raise ConfigError("distill.pseudo_test: pseudo-labels come from a teacher; set distill.teacher to a blend")
+        return
+    if not NAME.fullmatch(d.teacher):
+        raise ConfigError(f"distill.teacher: {d.teacher!r} is not a blend name (submissions/<name>.json)")
+    if recipe.data.streaming:
+        raise ConfigError("distill.teacher: distillation reads the root's images (the teacher targets are kept per "
+                          "fold beside the run); set data.streaming false")
 
 
 def validate_recipe(recipe: Recipe) -> Recipe:

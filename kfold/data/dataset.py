@@ -8,10 +8,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from kfold.config import DepthTarget
 from kfold.data.layout import IGNORE_INDEX, SPLITS, DataError, DataRoot, read_depth, read_rgb
+
+if typing.TYPE_CHECKING:
+    from kfold.store.teacher import TeacherTargets
 
 DEPTH_TARGETS = typing.get_args(DepthTarget)
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -86,6 +90,11 @@ class SegmentationDataset(Dataset):
         min_depth_m: the depth that maps to 1.0 in the inverse-depth channel.
         depth_target: what ``depth`` holds: ``sensor``, ``teacher`` (``train/teacher_depths``) or ``hybrid``
             (the teacher where it has a reading, else the sensor); the 4th input channel is always the sensor.
+        teacher: a fold's teacher targets (distillation): each item gains ``soft`` float32 (C, H, W), the
+            teacher's probabilities at the label size. On the test split they are pseudo-labels: the label is
+            the teacher's class where its confidence reaches ``min_confidence``, pixels below it carry neither
+            label nor soft target, and the depth target is empty (no depth supervision from test images).
+        min_confidence: see ``teacher``.
     """
 
     def __init__(
@@ -99,6 +108,8 @@ class SegmentationDataset(Dataset):
         max_depth_m: float = 10.0,
         min_depth_m: float = 0.25,
         depth_target: str = "sensor",
+        teacher: TeacherTargets | None = None,
+        min_confidence: float = 0.0,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -130,6 +141,7 @@ class SegmentationDataset(Dataset):
         self.max_depth_m = max_depth_m
         self.min_depth_m = min_depth_m
         self.depth_target = depth_target
+        self.teacher, self.min_confidence = teacher, float(min_confidence)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -183,20 +195,41 @@ class SegmentationDataset(Dataset):
         teacher[teacher > self.max_depth_m] = 0.0
         return teacher if self.depth_target == "teacher" else np.where(teacher > 0, teacher, sensor)
 
+    def soft_targets(self, index: int, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the teacher's probabilities (H, W, C) at the label size, the label): resized bilinearly as the
+        blend resizes its stores; on the test split the label is the pseudo-label (see ``teacher``)."""
+        probs = torch.from_numpy(self.teacher.probs(self.split, self.ids[index]))[None]
+        probs = F.interpolate(probs, size=label.shape, mode="bilinear", align_corners=False)[0]
+        if self.split == "test":
+            confidence, pseudo = probs.max(0)
+            confident = confidence >= self.min_confidence
+            label = torch.where(confident, pseudo, IGNORE_INDEX).numpy().astype(np.uint8)
+            probs = probs * confident
+        return np.ascontiguousarray(probs.permute(1, 2, 0).numpy()), label
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, depth, label = self.read(index)
-        return self.item(index, image, depth, label, self.target_depth(index, depth))
+        if self.teacher is None:
+            return self.item(index, image, depth, label, self.target_depth(index, depth))
+        soft, label = self.soft_targets(index, label)
+        target = np.zeros_like(depth) if self.split == "test" else self.target_depth(index, depth)
+        return self.item(index, image, depth, label, target, soft)
 
     def item(self, index: int, image: np.ndarray, depth: np.ndarray, label: np.ndarray,
-             target: np.ndarray | None) -> dict[str, Any]:
-        """Sample ``index`` as tensors from its arrays (see :meth:`read` and :meth:`target_depth`)."""
+             target: np.ndarray | None, soft: np.ndarray | None = None) -> dict[str, Any]:
+        """Sample ``index`` as tensors from its arrays (see :meth:`read`, :meth:`target_depth` and
+        :meth:`soft_targets`)."""
+        extra = {} if soft is None else {"soft": soft}
         if target is None:
-            out = self.transform(image=image, depth=depth, label=label)
+            out = self.transform(image=image, depth=depth, label=label, **extra)
         else:  # the input channel keeps the sensor (what a test image has); the loss sees the target
-            out = self.transform(image=image, depth=depth, label=label, depth_target=target)
-        return {
+            out = self.transform(image=image, depth=depth, label=label, depth_target=target, **extra)
+        sample = {
             "image": network_input(out, self.in_channels, self.min_depth_m),
             "depth": torch.from_numpy(np.ascontiguousarray(out["depth"], dtype=np.float32)[None]),
             "label": torch.from_numpy(np.ascontiguousarray(out["label"]).astype(np.int64)),
             "id": self.ids[index],
         }
+        if soft is not None:
+            sample["soft"] = torch.from_numpy(np.ascontiguousarray(out["soft"].transpose(2, 0, 1)))
+        return sample

@@ -54,8 +54,9 @@ class TrainTransform:
     """Resize, scale/rotate, crop (padded when needed), flip and colour-jitter image, depth and label.
 
     Call with ``image`` uint8 (H, W, 3), ``depth`` float32 (H, W) metres, ``label`` uint8 (H, W) and optionally
-    ``depth_target`` (a teacher's depth for the loss); returns ``image``, ``depth`` (the target, else the
-    sensor), ``label`` and ``depth_input`` (the sensor's depth) at the crop size.
+    ``depth_target`` (a teacher's depth for the loss) and ``soft`` float32 (H, W, C) (a teacher's class
+    probabilities); returns ``image``, ``depth`` (the target, else the sensor), ``label``, ``depth_input`` (the
+    sensor's depth) and ``soft`` when given, at the crop size. Invented pixels of ``soft`` are all 0 (not covered).
 
     Args:
         input_size: (H, W) every sample is resized to first.
@@ -116,7 +117,8 @@ class TrainTransform:
                     p=1.0,
                 )
             )
-        self.pipeline = A.Compose(steps, additional_targets={"depth": "mask", "depth_target": "mask"}, seed=seed)
+        self.pipeline = A.Compose(steps, additional_targets={"depth": "mask", "depth_target": "mask", "soft": "mask"},
+                                  seed=seed)
         self._rng_owner: tuple[int, int] | None = None
 
     @staticmethod
@@ -141,20 +143,25 @@ class TrainTransform:
             self._rng_owner = key
 
     def __call__(self, image: np.ndarray, depth: np.ndarray, label: np.ndarray,
-                 depth_target: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                 depth_target: np.ndarray | None = None, soft: np.ndarray | None = None) -> dict[str, np.ndarray]:
         self._reseed_in_worker()
         arrays = {"image": image, "mask": _shift_label(label), "depth": depth.astype(np.float32, copy=False)}
         if depth_target is not None:  # a teacher's depth for the loss moves with the sensor's
             arrays["depth_target"] = depth_target.astype(np.float32, copy=False)
+        if soft is not None:  # a teacher's probabilities: moved like a mask, so never blended across pixels
+            arrays["soft"] = soft
         out = self.pipeline(**arrays)
         depth_out = np.ascontiguousarray(out["depth"], dtype=np.float32)
         target = depth_out if depth_target is None else np.ascontiguousarray(out["depth_target"], dtype=np.float32)
-        return {
+        result = {
             "image": np.ascontiguousarray(out["image"]),
             "depth": target,
             "label": np.ascontiguousarray(_unshift_label(out["mask"])),
             "depth_input": depth_out,
         }
+        if soft is not None:
+            result["soft"] = np.ascontiguousarray(out["soft"], dtype=np.float32)
+        return result
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.pipeline!r})"

@@ -209,7 +209,7 @@ def fold_manifest(recipe: Recipe, root: DataRoot, experiment: str, fold: int, fo
 
 def predict_fold(model: nn.Module, recipe: Recipe, root: DataRoot, fold: int, val_ids: Sequence[str],
                  run_dir: Path, device: torch.device, folds_sha256: str, experiment: str,
-                 amp: torch.dtype | None = None) -> dict[str, Any]:
+                 amp: torch.dtype | None = None, teacher: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the fold's OOF and test probabilities, temperature table and manifest into ``run_dir``.
 
     Args:
@@ -223,6 +223,7 @@ def predict_fold(model: nn.Module, recipe: Recipe, root: DataRoot, fold: int, va
         folds_sha256: digest of the folds.csv the fold was trained on; must match the root's.
         experiment: the experiment name.
         amp: autocast dtype of the model's forward passes (None: float32).
+        teacher: a distilled fold's teacher citation (``kfold.store.teacher.cite``), kept in the manifest.
 
     Returns:
         ``oof_miou``, ``oof_pixel_acc``, ``oof_per_class_iou``, ``oof_temperature`` ({T: mIoU}) and
@@ -256,6 +257,8 @@ def predict_fold(model: nn.Module, recipe: Recipe, root: DataRoot, fold: int, va
     write_final_metrics(run_dir, metrics, test, root.classes)
     manifest = fold_manifest(recipe, root, experiment, fold, folds, len(val_ids), folds_sha256, metrics)
     manifest.scores["test_sha256"] = sha256_file(run_dir / "test.npy")  # names this store in the fold mean
+    if teacher is not None:
+        manifest.scores["teacher"] = teacher
     write_json(run_dir / MANIFEST, manifest.to_dict())
     return {**metrics, "test": test}
 

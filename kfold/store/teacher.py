@@ -1,0 +1,145 @@
+"""The teacher store: a distilled student's targets for one fold, and the provenance that makes them leak-free.
+
+```
+runs/<student>/teacher/fold<k>/
+  train.npy, train_ids.txt   float16 (N, C, h, w): the fold-k teacher's probabilities on fold k's training images
+  test.npy, test_ids.txt     the same on the test images (distill.pseudo_test)
+  teacher.json               written last: the blend, the fold, the sha256 of the blend record and of every
+                             member file the targets came from (each member's fold-k model and recipe)
+```
+
+The teacher of fold k is every member's fold-k model (none of them saw fold k's images), weighted by the blend's
+nested fold-k parameters (fit without fold k). ``ensemble.teacher`` writes the store; the student's fold reads it
+here and refuses one whose provenance does not hold: another fold's, another blend's, or one made from a record
+or member file that has changed since.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from foldwise.io import read_json_object, sha256_file
+from kfold.store.format import StoreError, read_ids
+
+TEACHER_DIR = "teacher"
+TEACHER_MANIFEST = "teacher.json"
+TEACHER_FORMAT = 1
+MEMBER_FILES = ("model.safetensors", "config.yaml")  # what makes a member's fold-k predictions what they are
+
+
+class TeacherError(StoreError):
+    """A teacher store that is missing or would break the provenance rule; the message names fold and file."""
+
+
+def teacher_dir(out: str | Path, student: str, fold: int) -> Path:
+    """``<out>/<student>/teacher/fold<k>``."""
+    return Path(out) / student / TEACHER_DIR / f"fold{fold}"
+
+
+def file_entry(path: Path) -> dict[str, str]:
+    """``{"path", "sha256"}`` of a file the targets depend on (the absolute path: checked from anywhere)."""
+    return {"path": str(Path(path).resolve()), "sha256": sha256_file(path)}
+
+
+def _changed(fold: int, manifest_path: Path, entry: dict[str, str], what: str) -> str | None:
+    path = Path(entry["path"])
+    if not path.is_file():
+        return f"fold {fold}: {manifest_path} was made from {path} ({what}), which is gone"
+    now = sha256_file(path)
+    if now != entry["sha256"]:
+        return (f"fold {fold}: {manifest_path} was made from {path} ({what}, sha256 {entry['sha256'][:12]}), which "
+                f"has changed since (now {now[:12]})")
+    return None
+
+
+def check_teacher(folder: Path, fold: int, blend: str, train_ids: Sequence[str], needs_test: bool,
+                  record: Path | None = None) -> dict[str, Any]:
+    """The teacher store's manifest, once every provenance rule holds; else :class:`TeacherError` in one line.
+
+    Args:
+        folder: ``runs/<student>/teacher/fold<k>``.
+        fold: the student's fold k: the store must hold fold k's targets from fold-k member models only.
+        blend: the teacher blend the recipe names (``distill.teacher``).
+        train_ids: fold k's training ids, in the root's order (a changed ``folds.csv`` changes them).
+        needs_test: the recipe pseudo-labels the test images.
+        record: the blend record as found now; it must be the one the targets came from.
+    """
+    path = folder / TEACHER_MANIFEST
+    if not path.is_file():
+        raise TeacherError(f"fold {fold}: no teacher targets at {path} (the teacher pass of ensemble.distill "
+                           f"writes them before the fold trains)")
+    manifest = read_json_object(path)
+    if manifest.get("format") != TEACHER_FORMAT:
+        raise TeacherError(f"fold {fold}: {path}: teacher store format {manifest.get('format')!r}, this version "
+                           f"reads {TEACHER_FORMAT}")
+    if manifest.get("fold") != fold:
+        raise TeacherError(f"fold {fold}: {path} holds fold {manifest.get('fold')}'s teacher targets, not fold "
+                           f"{fold}'s")
+    if manifest.get("blend") != blend:
+        raise TeacherError(f"fold {fold}: {path} holds the targets of blend {manifest.get('blend')!r}; "
+                           f"distill.teacher is {blend!r}")
+    other = [m for m in manifest["members"] if m["fold"] != fold]
+    if other:
+        raise TeacherError(f"fold {fold}: {path} names {other[0]['experiment']} fold {other[0]['fold']}, a model "
+                           f"that saw fold {fold}'s images")
+    if record is not None and Path(manifest["record"]["path"]) != record.resolve():
+        raise TeacherError(f"fold {fold}: {path} was made from {manifest['record']['path']}, not {record}")
+    problems = [_changed(fold, path, manifest["record"], "the blend record")]
+    problems += [_changed(fold, path, entry, f"member {m['experiment']}")
+                 for m in manifest["members"] for entry in m["files"].values()]
+    problem = next((p for p in problems if p), None)
+    if problem:
+        raise TeacherError(problem)
+    if read_ids(folder / "train_ids.txt") != list(train_ids):
+        raise TeacherError(f"fold {fold}: {folder / 'train_ids.txt'} is not fold {fold}'s training ids "
+                           f"(folds.csv changed since the teacher pass?)")
+    if needs_test and "test" not in manifest["splits"]:
+        raise TeacherError(f"fold {fold}: {path} has no test targets; distill.pseudo_test needs them")
+    return manifest
+
+
+@dataclass
+class TeacherTargets:
+    """One fold's teacher probabilities, memory-mapped: ``probs(split, id)`` is float32 (C, h, w).
+
+    Args:
+        fold: the fold they are for.
+        manifest: ``teacher.json`` (what the student's own manifest cites).
+        arrays: split -> (N, C, h, w) float16 memory map.
+        rows: split -> id -> row.
+    """
+
+    fold: int
+    manifest: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+    rows: dict[str, dict[str, int]]
+
+    def probs(self, split: str, image_id: str) -> np.ndarray:
+        return np.asarray(self.arrays[split][self.rows[split][image_id]], dtype=np.float32)
+
+    def ids(self, split: str) -> list[str]:
+        return list(self.rows[split])
+
+
+def open_teacher(folder: Path, fold: int, blend: str, train_ids: Sequence[str], needs_test: bool) -> TeacherTargets:
+    """Check (:func:`check_teacher`) and open one fold's teacher store."""
+    manifest = check_teacher(folder, fold, blend, train_ids, needs_test)
+    arrays, rows = {}, {}
+    for split in manifest["splits"]:
+        ids = read_ids(folder / f"{split}_ids.txt")
+        array = np.load(folder / f"{split}.npy", mmap_mode="r")
+        if array.shape[0] != len(ids) or array.ndim != 4:
+            raise TeacherError(f"fold {fold}: {folder / f'{split}.npy'} has shape {array.shape} for {len(ids)} ids")
+        arrays[split], rows[split] = array, {image_id: i for i, image_id in enumerate(ids)}
+    return TeacherTargets(fold, manifest, arrays, rows)
+
+
+def cite(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What the student's fold manifest records of its teacher: the store, its digest and every member file."""
+    return {"store": str((folder / TEACHER_MANIFEST).resolve()), "sha256": sha256_file(folder / TEACHER_MANIFEST),
+            "blend": manifest["blend"], "record": manifest["record"], "members": manifest["members"]}
