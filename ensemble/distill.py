@@ -80,14 +80,15 @@ def prepare_teacher(recipe: Recipe, root: DataRoot, fold: int, record_path: Path
     teacher, pseudo = recipe.distill.teacher, recipe.distill.pseudo_test
     if (folder / TEACHER_MANIFEST).is_file():
         try:
-            check_teacher(folder, fold, teacher, train_ids, pseudo, record=record_path)
+            check_teacher(folder, fold, teacher, train_ids, pseudo, Path(args.out), record=record_path)
             return
         except TeacherError as err:
             if not args.retrain:
                 raise _teacher_error(err, fold) from None
             clear_fold(fold_dir(args.out, recipe.name, fold))
             (folder / TEACHER_MANIFEST).unlink()
-            print(f"{recipe.name} fold {fold}: teacher targets no longer hold ({err}); cleared for --retrain")
+            print(f"{recipe.name} fold {fold}: cleared for --retrain, its teacher targets no longer hold: "
+                  f"{str(err).split(': ', 1)[1]}")
     import torch
 
     device = args.teacher_device or ("cuda" if torch.cuda.is_available() else "cpu")

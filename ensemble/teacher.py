@@ -29,7 +29,7 @@ from kfold.config import load_recipe
 from kfold.data.layout import DataRoot, read_depth, read_rgb
 from kfold.rundir import FoldLock
 from kfold.store.format import MANIFEST, StoreError, load_manifest
-from kfold.store.teacher import MEMBER_FILES, TEACHER_FORMAT, TEACHER_MANIFEST, file_entry
+from kfold.store.teacher import TEACHER_FORMAT, TEACHER_MANIFEST, file_entry, member_entry
 from kfold.store.write import open_npy
 
 
@@ -61,11 +61,6 @@ def fold_teacher(record: BlendRecord, runs_dir: Path, fold: int, folds_sha256: s
                        np.asarray(nested[fold]["weights"], dtype=np.float64),
                        np.asarray(nested[fold]["temperatures"], dtype=np.float64), tuple(members),
                        record.class_map, folds_sha256)
-
-
-def _provenance(blend: BlendBundle, fold: int) -> list[dict[str, Any]]:
-    return [{"experiment": m.name, "fold": fold,
-             "files": {f: file_entry(m.weights_files[0].parent / f) for f in MEMBER_FILES}} for m in blend.members]
 
 
 def _predict_split(loaded: list, blend: BlendBundle, root: DataRoot, split: str, ids: Sequence[str], out: Path,
@@ -109,7 +104,7 @@ def teacher_pass(record: BlendRecord, record_path: Path, runs_dir: Path, root: D
             _predict_split(loaded, blend, root, split, ids, out, dev, f"teacher fold {fold} {split}")
         manifest = {
             "format": TEACHER_FORMAT, "blend": record.name, "fold": fold, "folds_sha256": folds_sha256,
-            "record": file_entry(record_path), "members": _provenance(blend, fold),
+            "record": file_entry(record_path), "members": [member_entry(runs_dir, m.name, fold) for m in blend.members],
             "weights": blend.weights.tolist(), "temperatures": blend.temperatures.tolist(),
             "classes": list(blend.classes), "store_size": list(blend_grid([m.store_size for m in blend.members])),
             "splits": list(splits), "n": {split: len(ids) for split, ids in splits.items()},

@@ -141,7 +141,8 @@ def _train_and_predict(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[
     teacher = None
     if recipe.distill.teacher:  # checked before the first write: a broken provenance leaves the fold as it was
         folder = teacher_dir(args.out, recipe.name, fold)
-        teacher = open_teacher(folder, fold, recipe.distill.teacher, train_ids, recipe.distill.pseudo_test)
+        teacher = open_teacher(folder, fold, recipe.distill.teacher, train_ids, recipe.distill.pseudo_test,
+                               Path(args.out))
         log.info("distill: fold %d learns from %s (blend %s: %s, fold %d models only)", fold, folder,
                  recipe.distill.teacher, ", ".join(m["experiment"] for m in teacher.manifest["members"]), fold)
     if dist.is_main:

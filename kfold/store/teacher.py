@@ -5,7 +5,8 @@ runs/<student>/teacher/fold<k>/
   train.npy, train_ids.txt   float16 (N, C, h, w): the fold-k teacher's probabilities on fold k's training images
   test.npy, test_ids.txt     the same on the test images (distill.pseudo_test)
   teacher.json               written last: the blend, the fold, the sha256 of the blend record and of every
-                             member file the targets came from (each member's fold-k model and recipe)
+                             member file the targets came from (each member's fold-k model and recipe, found
+                             under the runs folder: a moved runs folder keeps its provenance)
 ```
 
 The teacher of fold k is every member's fold-k model (none of them saw fold k's images), weighted by the blend's
@@ -42,22 +43,27 @@ def teacher_dir(out: str | Path, student: str, fold: int) -> Path:
 
 
 def file_entry(path: Path) -> dict[str, str]:
-    """``{"path", "sha256"}`` of a file the targets depend on (the absolute path: checked from anywhere)."""
-    return {"path": str(Path(path).resolve()), "sha256": sha256_file(path)}
+    """``{"path", "sha256"}`` of a file the targets depend on."""
+    return {"path": str(path), "sha256": sha256_file(path)}
 
 
-def _changed(fold: int, manifest_path: Path, entry: dict[str, str], what: str) -> str | None:
-    path = Path(entry["path"])
+def member_entry(runs_dir: Path, experiment: str, fold: int) -> dict[str, Any]:
+    """A member's fold-k files as the manifest records them: by digest, found under the runs folder (which may move)."""
+    run = Path(runs_dir) / experiment / f"fold{fold}"
+    return {"experiment": experiment, "fold": fold, "sha256": {f: sha256_file(run / f) for f in MEMBER_FILES}}
+
+
+def _changed(fold: int, manifest_path: Path, path: Path, sha256: str, what: str) -> str | None:
     if not path.is_file():
         return f"fold {fold}: {manifest_path} was made from {path} ({what}), which is gone"
     now = sha256_file(path)
-    if now != entry["sha256"]:
-        return (f"fold {fold}: {manifest_path} was made from {path} ({what}, sha256 {entry['sha256'][:12]}), which "
-                f"has changed since (now {now[:12]})")
+    if now != sha256:
+        return (f"fold {fold}: {manifest_path} was made from {path} ({what}, sha256 {sha256[:12]}), which has "
+                f"changed since (now {now[:12]})")
     return None
 
 
-def check_teacher(folder: Path, fold: int, blend: str, train_ids: Sequence[str], needs_test: bool,
+def check_teacher(folder: Path, fold: int, blend: str, train_ids: Sequence[str], needs_test: bool, runs_dir: Path,
                   record: Path | None = None) -> dict[str, Any]:
     """The teacher store's manifest, once every provenance rule holds; else :class:`TeacherError` in one line.
 
@@ -67,7 +73,9 @@ def check_teacher(folder: Path, fold: int, blend: str, train_ids: Sequence[str],
         blend: the teacher blend the recipe names (``distill.teacher``).
         train_ids: fold k's training ids, in the root's order (a changed ``folds.csv`` changes them).
         needs_test: the recipe pseudo-labels the test images.
-        record: the blend record as found now; it must be the one the targets came from.
+        runs_dir: where the members are (their files must be the ones the targets came from).
+        record: the blend record as found now, which must be the one the targets came from (a fold job
+            leaves it out: its launcher checked it).
     """
     path = folder / TEACHER_MANIFEST
     if not path.is_file():
@@ -87,11 +95,11 @@ def check_teacher(folder: Path, fold: int, blend: str, train_ids: Sequence[str],
     if other:
         raise TeacherError(f"fold {fold}: {path} names {other[0]['experiment']} fold {other[0]['fold']}, a model "
                            f"that saw fold {fold}'s images")
-    if record is not None and Path(manifest["record"]["path"]) != record.resolve():
-        raise TeacherError(f"fold {fold}: {path} was made from {manifest['record']['path']}, not {record}")
-    problems = [_changed(fold, path, manifest["record"], "the blend record")]
-    problems += [_changed(fold, path, entry, f"member {m['experiment']}")
-                 for m in manifest["members"] for entry in m["files"].values()]
+    problems = [] if record is None else [_changed(fold, path, record, manifest["record"]["sha256"],
+                                                   "the blend record")]
+    problems += [_changed(fold, path, Path(runs_dir) / m["experiment"] / f"fold{fold}" / name, digest,
+                          f"member {m['experiment']}")
+                 for m in manifest["members"] for name, digest in m["sha256"].items()]
     problem = next((p for p in problems if p), None)
     if problem:
         raise TeacherError(problem)
@@ -126,9 +134,10 @@ class TeacherTargets:
         return list(self.rows[split])
 
 
-def open_teacher(folder: Path, fold: int, blend: str, train_ids: Sequence[str], needs_test: bool) -> TeacherTargets:
+def open_teacher(folder: Path, fold: int, blend: str, train_ids: Sequence[str], needs_test: bool,
+                 runs_dir: Path) -> TeacherTargets:
     """Check (:func:`check_teacher`) and open one fold's teacher store."""
-    manifest = check_teacher(folder, fold, blend, train_ids, needs_test)
+    manifest = check_teacher(folder, fold, blend, train_ids, needs_test, runs_dir)
     arrays, rows = {}, {}
     for split in manifest["splits"]:
         ids = read_ids(folder / f"{split}_ids.txt")
