@@ -339,7 +339,8 @@ class SegDepthLoss(nn.Module):
             shape = None if depth is None else tuple(depth.shape)
             raise ValueError(f"depth must be (B, 1, H, W) when depth_loss={self.depth_loss!r}, got {shape}")
         if soft is not None and (soft.dim() != 4 or soft.shape[:2] != seg_logits.shape[:2]):
-            raise ValueError(f"soft must be (B, {self.num_classes}, H, W) teacher probabilities, got {tuple(soft.shape)}")
+            raise ValueError(f"soft must be (B, {self.num_classes}, H, W) teacher probabilities, "
+                             f"got {tuple(soft.shape)}")
         if self.smoothness_weight > 0 and (image is None or image.dim() != 4 or image.shape[1] < 3):
             shape = None if image is None else tuple(image.shape)
             raise ValueError(f"image must be (B, 3+, H, W) when smoothness_weight > 0, got {shape}")

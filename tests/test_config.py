@@ -48,3 +48,32 @@ def test_unknown_preset_and_odd_opts():
         build_recipe({}, "huge")
     with pytest.raises(ConfigError, match="no value"):
         parse_opts(["optim.lr"])
+
+
+def test_distill_keys_are_checked_up_front():
+    from kfold.validate import validate_recipe
+
+    assert validate_recipe(build_recipe({"distill.teacher": "blend_1"}, "smoke")).distill.alpha == 1.0
+    bad = {"distill.alpha": -1, "distill.temperature": 0, "distill.min_confidence": 1.0,
+           "distill.teacher": "../x"}
+    for key, value in bad.items():
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            validate_recipe(build_recipe({"distill.teacher": "b", key: value}, "smoke"))
+    with pytest.raises(ConfigError, match="distill.pseudo_test"):
+        validate_recipe(build_recipe({"distill.pseudo_test": True}, "smoke"))
+    with pytest.raises(ConfigError, match="data.streaming"):
+        validate_recipe(build_recipe({"distill.teacher": "b", "data.streaming": True}, "smoke"))
+
+
+def test_a_fold_recorded_before_a_key_existed_ran_with_its_default(tmp_path):
+    import yaml
+
+    from kfold.rundir import recipe_differences
+
+    recipe = build_recipe({}, "smoke")
+    old = to_dict(recipe)
+    del old["distill"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"recipe": old}))
+    assert recipe_differences(tmp_path, recipe) == []
+    recipe.distill.teacher = "b"
+    assert recipe_differences(tmp_path, recipe) == ["distill.teacher"]

@@ -239,3 +239,33 @@ def test_bad_arguments(root: DataRoot) -> None:
         SegmentationDataset(root, "valid", root.train_ids, None)
     with pytest.raises(DataError, match="'t0' is not in the train split"):
         SegmentationDataset(root, "train", ["t0"], None)
+
+
+class FakeTeacher:
+    """Teacher probabilities at half the image size: class = a column band, confident only on the left half."""
+
+    def probs(self, split: str, image_id: str) -> np.ndarray:
+        probs = np.full((NUM_CLASSES, H // 2, W // 2), 0.1 / (NUM_CLASSES - 1), dtype=np.float32)
+        probs[:, :, W // 4 :] = 1.0 / NUM_CLASSES
+        probs[3, :, : W // 4] = 0.9
+        return probs
+
+    def ids(self, split: str) -> list[str]:
+        return ["t0", "t1"]
+
+
+def test_soft_targets_move_with_the_label_and_pseudo_labels_need_confidence(root: DataRoot) -> None:
+    flip = TrainTransform((H, W), (H, W), hflip=1.0, scale_limit=0.0, rotate_limit=0.0, color_jitter=0.0)
+    train = SegmentationDataset(root, "train", ["r0_v0"], flip, teacher=FakeTeacher())
+    item = train[0]
+    assert item["soft"].shape == (NUM_CLASSES, H, W) and item["soft"].dtype == torch.float32
+    assert torch.allclose(item["soft"].sum(0), torch.ones(H, W), atol=1e-5)
+    assert (item["soft"][3, :, -4:] > 0.85).all()  # the confident left half, flipped to the right
+    labelled = SegmentationDataset(root, "train", ["r0_v0"], flip)[0]["label"]
+    assert torch.equal(item["label"], labelled)  # a training image keeps its own labels
+
+    pseudo = SegmentationDataset(root, "test", ["t0"], flip, with_labels=False, teacher=FakeTeacher(),
+                                 min_confidence=0.5)[0]
+    assert set(pseudo["label"][:, -4:].unique().tolist()) == {3}  # confident: the teacher's class
+    assert (pseudo["label"][:, :4] == 255).all() and (pseudo["soft"][:, :, :4] == 0).all()  # below: nothing
+    assert (pseudo["depth"] == 0).all()  # no depth supervision from test images

@@ -231,3 +231,31 @@ def test_bad_configuration_and_inputs_raise():
         SegDepthLoss(C + 1)(logits, depth_pred, label, depth)
     with pytest.raises(ValueError, match="image"):
         SegDepthLoss(C, smoothness_weight=0.1)(logits, depth_pred, label, depth, None)
+
+
+def test_soft_targets_kl_is_zero_at_the_teacher_and_skips_uncovered_pixels():
+    from kfold.losses import soft_target_loss
+
+    logits = torch.randn(2, 4, 6, 6)
+    teacher = torch.softmax(logits, 1)
+    assert soft_target_loss(logits, teacher, 2.0).abs() < 1e-6
+    other = torch.randn(2, 4, 6, 6)
+    by_hand = (teacher * (teacher.log() - F.log_softmax(other, 1))).sum(1).mean()
+    assert torch.allclose(soft_target_loss(other, teacher, 1.0), by_hand, atol=1e-5)
+    half = teacher.clone()
+    half[..., 3:] = 0  # invented pixels: no target
+    covered = (teacher * (teacher.log() - F.log_softmax(other, 1))).sum(1)[..., :3].mean()
+    assert torch.allclose(soft_target_loss(other, half, 1.0), covered, atol=1e-5)
+    assert soft_target_loss(other, torch.zeros_like(teacher)) == 0  # nothing covered: 0, not nan
+
+
+def test_soft_term_enters_the_total_with_its_weight():
+    logits, label = torch.randn(2, 4, 6, 6, requires_grad=True), torch.randint(0, 4, (2, 6, 6))
+    teacher = torch.softmax(torch.randn(2, 4, 6, 6), 1)
+    loss = SegDepthLoss(4, depth_loss="none", distill_alpha=0.5, distill_temperature=2.0)
+    total, parts = loss(logits, None, label, soft=teacher)
+    assert torch.allclose(total, parts["ce"] + 0.5 * parts["distill"])
+    total.backward()
+    assert logits.grad is not None and "distill" not in loss(logits, None, label)[1]
+    with pytest.raises(ValueError, match="soft must be"):
+        loss(logits, None, label, soft=teacher[:, :3])

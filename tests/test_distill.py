@@ -1,0 +1,114 @@
+"""A distilled student end to end: teacher stores whose provenance names only fold-k models, the recovered-gain
+report with its baseline and timings, refusals of broken provenance in one line, and the student as an ordinary
+experiment (leaderboard, blend, predictor)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e  # runs commands end to end in subprocesses (the e2e tier)
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+
+
+def student(base: Path, root: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run("experiments/exp097_1.py", "--preset", "smoke", "--data-root", str(root), "--out", str(base / "runs"),
+               "--submissions", str(base / "subs"), "--opts", "distill.teacher", "teach", *extra)
+
+
+@pytest.fixture(scope="module")
+def distilled(smoke_runs, synthetic_root, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The two smoke experiments blended into subs/teach, then exp097_1 distilled from it with its baseline."""
+    base = tmp_path_factory.mktemp("distill")
+    shutil.copytree(smoke_runs, base / "runs", ignore=shutil.ignore_patterns("last.pt"))
+    proc = run("ensemble/blend.py", "--runs-dir", str(base / "runs"), "--runs", "exp093_2", "exp093_5", "--name",
+               "teach", "--out-dir", str(base / "subs"), "--workers", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = student(base, synthetic_root, "--baseline")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return base, proc
+
+
+def test_teacher_stores_name_only_fold_k_models_and_the_report_says_what_was_recovered(distilled) -> None:
+    base, proc = distilled
+    runs = base / "runs"
+    for k in range(5):
+        teacher = json.loads((runs / "exp097_1" / "teacher" / f"fold{k}" / "teacher.json").read_text())
+        assert teacher["fold"] == k and teacher["blend"] == "teach"
+        assert [(m["experiment"], m["fold"]) for m in teacher["members"]] == [("exp093_2", k), ("exp093_5", k)]
+        record = json.loads((base / "subs" / "teach.json").read_text())
+        assert teacher["weights"] == record["nested_folds"][k]["weights"]  # fitted without fold k
+        manifest = json.loads((runs / "exp097_1" / f"fold{k}" / "manifest.json").read_text())
+        assert manifest["teacher"]["members"] == teacher["members"]
+        log = (runs / "exp097_1" / f"fold{k}" / "metrics.csv").read_text()
+        assert "train_distill" in log.splitlines()[0]
+    assert "recovered share of the blend's gain" in proc.stdout
+    assert "baseline" in proc.stdout and "exp097_1_baseline" in proc.stdout
+    assert "inference per image" in proc.stdout and "x faster" in proc.stdout
+    report = json.loads((runs / "exp097_1" / "distill_report.json").read_text())
+    oof = report["oof_miou"]
+    gain = oof["blend_nested"] - oof["baseline"]
+    if gain > 0:
+        assert report["recovered"] == pytest.approx((oof["student"] - oof["baseline"]) / gain)
+    else:
+        assert report["recovered"] is None
+    assert report["seconds_per_image"]["ensemble"] > report["seconds_per_image"]["student"] > 0
+    assert set(report["per_class"]) == set(record["classes"])
+    baseline = (runs / "exp097_1_baseline" / "fold0" / "config.yaml").read_text()
+    assert "teacher: null" in baseline and not (runs / "exp097_1_baseline" / "teacher").exists()
+
+
+def test_the_student_blends_exports_and_predicts_like_any_experiment(distilled, synthetic_root, tmp_path) -> None:
+    base, _ = distilled
+    proc = run("ensemble/blend.py", "--runs-dir", str(base / "runs"), "--runs", "exp097_1", "exp093_2", "--name",
+               "with_student", "--out-dir", str(base / "subs"), "--workers", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    board = (base / "subs" / "leaderboard.csv").read_text()
+    assert "exp097_1," in board and "with_student" in board and "distilled from teach" in board
+    proc = run("ensemble/blend.py", "--runs-dir", str(base / "runs"), "--runs", "exp097_1", "--name", "alone",
+               "--out-dir", str(base / "subs"), "--workers", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    exported = run("-m", "ensemble.export", "--blend", "alone", "--runs-dir", str(base / "runs"), "--submissions",
+                   str(base / "subs"), "--out", str(tmp_path / "model"))
+    assert exported.returncode == 0, exported.stderr
+    proc = run("-m", "ensemble.predict", "--model", str(tmp_path / "model"), "--images",
+               str(synthetic_root / "test" / "images"), "--depths", str(synthetic_root / "test" / "depths"), "--out",
+               str(tmp_path / "masks"))
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((tmp_path / "masks").glob("*.png"))) == 8
+
+
+def test_broken_provenance_is_one_line_naming_the_fold(distilled, synthetic_root, tmp_path) -> None:
+    base, _ = distilled
+    changed = tmp_path / "changed"
+    shutil.copytree(base / "subs", changed / "subs")
+    shutil.copytree(base / "runs", changed / "runs", ignore=shutil.ignore_patterns("exp097_1_baseline"))
+    member = changed / "runs" / "exp093_2" / "fold2" / "model.safetensors"
+    shutil.copy(changed / "runs" / "exp093_2" / "fold3" / "model.safetensors", member)  # fold 2 trained again
+    proc = student(changed, synthetic_root)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: fold 2: ") and str(member) in lines[0] and "--retrain" in lines[0]
+
+    swapped = tmp_path / "swapped"
+    shutil.copytree(base / "subs", swapped / "subs")
+    shutil.copytree(base / "runs", swapped / "runs", ignore=shutil.ignore_patterns("exp097_1_baseline"))
+    teachers = swapped / "runs" / "exp097_1" / "teacher"
+    shutil.rmtree(teachers / "fold3")
+    shutil.copytree(teachers / "fold1", teachers / "fold3")
+    proc = student(swapped, synthetic_root)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "error: fold 3: " in lines[0] and "holds fold 1's teacher targets" in lines[0]
