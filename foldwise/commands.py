@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "blend": ("ensemble.blend", "fit temperatures and weights on the OOF stores, write the submission"),
     "search": ("kfold.search.cli", "search recipes (Optuna trials of k folds, pruned, selection-corrected)"),
     "compare": ("ensemble.compare", "is B really better than A? a paired test over the folds"),
+    "distill": ("ensemble.distill", "a distilled student's recovered-gain report and speed ratio, again"),
     "predict": ("ensemble.predict", "a finished or exported blend on new images"),
     "export": ("ensemble.export", "a blend as a self-contained folder"),
     "score": ("submissions.score", "local leaderboard score of a submission CSV"),

@@ -77,11 +77,8 @@ def test_the_student_blends_exports_and_predicts_like_any_experiment(distilled, 
     assert proc.returncode == 0, proc.stderr[-2000:]
     board = (base / "subs" / "leaderboard.csv").read_text()
     assert "exp097_1," in board and "with_student" in board and "distilled from teach" in board
-    proc = run("ensemble/blend.py", "--runs-dir", str(base / "runs"), "--runs", "exp097_1", "--name", "alone",
-               "--out-dir", str(base / "subs"), "--workers", "1")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    exported = run("-m", "ensemble.export", "--blend", "alone", "--runs-dir", str(base / "runs"), "--submissions",
-                   str(base / "subs"), "--out", str(tmp_path / "model"))
+    exported = run("-m", "ensemble.export", "--blend", "with_student", "--runs-dir", str(base / "runs"),
+                   "--submissions", str(base / "subs"), "--out", str(tmp_path / "model"))
     assert exported.returncode == 0, exported.stderr
     proc = run("-m", "ensemble.predict", "--model", str(tmp_path / "model"), "--images",
                str(synthetic_root / "test" / "images"), "--depths", str(synthetic_root / "test" / "depths"), "--out",
