@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench clean-runs
+.PHONY: demo demo-distill test test-fast lint bench clean-runs
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ demo: $(STAMP)
 	if [ $$failed = 1 ]; then tail -n 3 runs/*.stderr; exit 1; fi
 	$(PY) ensemble/blend.py --runs $(DEMO_EXPERIMENTS) --per-class --name demo_blend
 	$(PY) -m ensemble.compare $(DEMO_EXPERIMENTS) demo_blend
+
+# After the demo: exp097_1 distilled from demo_blend (teacher passes, 5 student folds), the same recipe without
+# a teacher (exp097_1_baseline), then the recovered share of the blend's gain and the speed ratio (docs/distill.md).
+demo-distill: $(STAMP)
+	@test -f submissions/demo_blend.json || { echo "error: run make demo first (it makes demo_blend)"; exit 2; }
+	$(PY) experiments/exp097_1.py $(DEMO_ARGS) --opts distill.teacher demo_blend --baseline
 
 # The whole suite, one worker process per core (pytest-xdist; a file's tests stay on one worker, so its module
 # fixtures are built once). test-fast: the unit tier, leaving out the end-to-end tests (marker e2e).

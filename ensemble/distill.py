@@ -20,7 +20,7 @@ from typing import Any
 
 from ensemble.distill_report import BASELINE_SUFFIX, distill_report
 from ensemble.record import read_blend_record
-from ensemble.teacher import teacher_pass
+from ensemble.teacher import check_parameters, teacher_pass
 from foldwise.cli import ArgumentParser, run_entry_point
 from kfold.cli import build_parser, parse_args, parse_folds, resolve_recipe, run_experiment
 from kfold.config import ConfigError, Recipe, load_recipe
@@ -80,7 +80,8 @@ def prepare_teacher(recipe: Recipe, root: DataRoot, fold: int, record_path: Path
     teacher, pseudo = recipe.distill.teacher, recipe.distill.pseudo_test
     if (folder / TEACHER_MANIFEST).is_file():
         try:
-            check_teacher(folder, fold, teacher, train_ids, pseudo, Path(args.out), record=record_path)
+            manifest = check_teacher(folder, fold, teacher, train_ids, pseudo, Path(args.out))
+            check_parameters(manifest, read_blend_record(record_path), fold, folder / TEACHER_MANIFEST)
             return
         except TeacherError as err:
             if not args.retrain:

@@ -29,7 +29,7 @@ from kfold.config import load_recipe
 from kfold.data.layout import DataRoot, read_depth, read_rgb
 from kfold.rundir import FoldLock
 from kfold.store.format import MANIFEST, StoreError, load_manifest
-from kfold.store.teacher import TEACHER_FORMAT, TEACHER_MANIFEST, file_entry, member_entry
+from kfold.store.teacher import TEACHER_FORMAT, TEACHER_MANIFEST, TeacherError, file_entry, member_entry
 from kfold.store.write import open_npy
 
 
@@ -61,6 +61,20 @@ def fold_teacher(record: BlendRecord, runs_dir: Path, fold: int, folds_sha256: s
                        np.asarray(nested[fold]["weights"], dtype=np.float64),
                        np.asarray(nested[fold]["temperatures"], dtype=np.float64), tuple(members),
                        record.class_map, folds_sha256)
+
+
+def check_parameters(manifest: dict[str, Any], record: BlendRecord, fold: int, path: Path) -> None:
+    """The teacher store was made from the blend's members and fold-k parameters as the record holds them now.
+
+    The parameters, not the file's bytes: a blend fitted again to the same weights keeps its students' targets.
+    """
+    nested = {entry["fold"]: entry for entry in record.nested_folds}.get(fold, {})
+    made = ([m["experiment"] for m in manifest["members"]], manifest["weights"], manifest["temperatures"])
+    now = (list(record.members), nested.get("weights"), nested.get("temperatures"))
+    if made != now:
+        raise TeacherError(f"fold {fold}: {path} was made from blend {record.name!r} with members {made[0]}, "
+                           f"fold-{fold} weights {made[1]} and temperatures {made[2]}; its record now holds "
+                           f"{now[0]}, {now[1]}, {now[2]}")
 
 
 def _predict_split(loaded: list, blend: BlendBundle, root: DataRoot, split: str, ids: Sequence[str], out: Path,

@@ -1,4 +1,4 @@
-"""exp097_1: one fast model from the fold ensemble: FPN + ResNet-18, RGB-D, one TTA view, distilled leak-free.
+"""exp097_1: one fast model from the fold ensemble: FPN + MobileNetV3-Small, RGB-D, one view, distilled leak-free.
 
 Fold k learns from the teacher blend's fold-k models only (weighted by the blend's nested fold-k parameters):
 CE on the labels + 1.0 x T^2 x KL(teacher || student) at T = 1 on every pixel the teacher covers. Name the
@@ -12,8 +12,8 @@ from pathlib import Path
 from ensemble.distill import student_main
 
 RECIPE = {
-    "model.encoder": "resnet18",
-    "model.decoder_channels": 128,
+    "model.encoder": "tu-mobilenetv3_small_100",
+    "model.decoder_channels": 64,
     "data.in_channels": 4,
     "tta.scales": [1.0],
     "tta.hflip": False,

@@ -11,6 +11,8 @@ import pytest
 
 from ensemble.distill import _without
 from ensemble.distill_report import recovered
+from ensemble.record import BlendRecord
+from ensemble.teacher import check_parameters
 from foldwise.io import write_json
 from kfold.store.teacher import TeacherError, check_teacher, file_entry, member_entry, open_teacher
 
@@ -32,20 +34,20 @@ def fake_store(tmp_path: Path, fold: int = 1) -> tuple[Path, Path, Path]:
     np.save(folder / "train.npy", np.full((3, 2, 4, 4), 0.5, dtype=np.float16))
     (folder / "train_ids.txt").write_text("".join(f"{i}\n" for i in TRAIN_IDS))
     write_json(folder / "teacher.json", {"format": 1, "blend": "b", "fold": fold, "record": file_entry(record),
-                                         "members": [member_entry(runs, "m1", fold)], "splits": ["train"]})
+                                         "members": [member_entry(runs, "m1", fold)], "splits": ["train"],
+                                         "weights": [1.0], "temperatures": [0.9]})
     return runs, record, folder
 
 
 def test_a_store_that_holds_opens(tmp_path: Path) -> None:
     runs, record, folder = fake_store(tmp_path)
-    assert check_teacher(folder, 1, "b", TRAIN_IDS, False, runs, record)["fold"] == 1
+    assert check_teacher(folder, 1, "b", TRAIN_IDS, False, runs)["fold"] == 1
     targets = open_teacher(folder, 1, "b", TRAIN_IDS, False, runs)
     assert targets.probs("train", "b").dtype == np.float32 and targets.probs("train", "b").shape == (2, 4, 4)
 
 
 @pytest.mark.parametrize("breakage, message", [
     ("member", "fold 1: .*runs/m1/fold1/model.safetensors \\(member m1, sha256 .*changed since"),
-    ("record", "fold 1: .*b.json \\(the blend record"),
     ("fold", "fold 1: .*holds fold 0's teacher targets"),
     ("leak", "fold 1: .*names m1 fold 0, a model that saw fold 1's images"),
     ("blend", "fold 1: .*holds the targets of blend 'b'; distill.teacher is 'other'"),
@@ -59,8 +61,6 @@ def test_broken_provenance_is_refused_naming_the_fold(tmp_path: Path, breakage: 
     blend, ids, needs_test = "b", TRAIN_IDS, False
     if breakage == "member":
         (runs / "m1" / "fold1" / "model.safetensors").write_bytes(b"retrained")
-    elif breakage == "record":
-        record.write_text('{"weights": [1]}')
     elif breakage in ("fold", "leak"):
         manifest["fold" if breakage == "fold" else "members"] = 0 if breakage == "fold" else [
             {**manifest["members"][0], "fold": 0}]
@@ -74,8 +74,18 @@ def test_broken_provenance_is_refused_naming_the_fold(tmp_path: Path, breakage: 
     else:
         (folder / "teacher.json").unlink()
     with pytest.raises(TeacherError, match=message) as err:
-        check_teacher(folder, 1, blend, ids, needs_test, runs, record)
+        check_teacher(folder, 1, blend, ids, needs_test, runs)
     assert "\n" not in str(err.value)
+
+
+def test_a_blend_fitted_again_keeps_its_students_targets_only_with_the_same_parameters(tmp_path: Path) -> None:
+    _, _, folder = fake_store(tmp_path)
+    manifest = json.loads((folder / "teacher.json").read_text())
+    nested = [{"fold": 1, "weights": [1.0], "temperatures": [0.9]}]
+    check_parameters(manifest, BlendRecord(name="b", members=["m1"], nested_folds=nested), 1, folder)
+    moved = [{"fold": 1, "weights": [1.0], "temperatures": [1.1]}]
+    with pytest.raises(TeacherError, match="fold 1: .*temperatures \\[0.9\\]; its record now holds .*\\[1.1\\]"):
+        check_parameters(manifest, BlendRecord(name="b", members=["m1"], nested_folds=moved), 1, folder)
 
 
 def test_the_students_own_flags_stay_out_of_its_fold_jobs_and_the_baseline_drops_distill_keys() -> None:

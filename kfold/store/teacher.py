@@ -4,15 +4,16 @@
 runs/<student>/teacher/fold<k>/
   train.npy, train_ids.txt   float16 (N, C, h, w): the fold-k teacher's probabilities on fold k's training images
   test.npy, test_ids.txt     the same on the test images (distill.pseudo_test)
-  teacher.json               written last: the blend, the fold, the sha256 of the blend record and of every
-                             member file the targets came from (each member's fold-k model and recipe, found
-                             under the runs folder: a moved runs folder keeps its provenance)
+  teacher.json               written last: the blend, its fold-k weights and temperatures, the fold, the sha256
+                             of the blend record and of every member file the targets came from (each member's
+                             fold-k model and recipe, found under the runs folder: a moved runs folder keeps
+                             its provenance)
 ```
 
 The teacher of fold k is every member's fold-k model (none of them saw fold k's images), weighted by the blend's
 nested fold-k parameters (fit without fold k). ``ensemble.teacher`` writes the store; the student's fold reads it
-here and refuses one whose provenance does not hold: another fold's, another blend's, or one made from a record
-or member file that has changed since.
+here and refuses one whose provenance does not hold: another fold's, another blend's, or one made from a member
+file that has changed since (and ``ensemble.teacher`` one made with other blend parameters than the record's).
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ def _changed(fold: int, manifest_path: Path, path: Path, sha256: str, what: str)
     return None
 
 
-def check_teacher(folder: Path, fold: int, blend: str, train_ids: Sequence[str], needs_test: bool, runs_dir: Path,
-                  record: Path | None = None) -> dict[str, Any]:
+def check_teacher(folder: Path, fold: int, blend: str, train_ids: Sequence[str], needs_test: bool, runs_dir: Path
+                  ) -> dict[str, Any]:
     """The teacher store's manifest, once every provenance rule holds; else :class:`TeacherError` in one line.
 
     Args:
@@ -74,8 +75,9 @@ def check_teacher(folder: Path, fold: int, blend: str, train_ids: Sequence[str],
         train_ids: fold k's training ids, in the root's order (a changed ``folds.csv`` changes them).
         needs_test: the recipe pseudo-labels the test images.
         runs_dir: where the members are (their files must be the ones the targets came from).
-        record: the blend record as found now, which must be the one the targets came from (a fold job
-            leaves it out: its launcher checked it).
+
+    The blend's parameters are checked against its record by ``ensemble.teacher.check_parameters`` (the record
+    is the ensemble's format), before any fold job starts.
     """
     path = folder / TEACHER_MANIFEST
     if not path.is_file():
@@ -95,9 +97,7 @@ def check_teacher(folder: Path, fold: int, blend: str, train_ids: Sequence[str],
     if other:
         raise TeacherError(f"fold {fold}: {path} names {other[0]['experiment']} fold {other[0]['fold']}, a model "
                            f"that saw fold {fold}'s images")
-    problems = [] if record is None else [_changed(fold, path, record, manifest["record"]["sha256"],
-                                                   "the blend record")]
-    problems += [_changed(fold, path, Path(runs_dir) / m["experiment"] / f"fold{fold}" / name, digest,
+    problems = [_changed(fold, path, Path(runs_dir) / m["experiment"] / f"fold{fold}" / name, digest,
                           f"member {m['experiment']}")
                  for m in manifest["members"] for name, digest in m["sha256"].items()]
     problem = next((p for p in problems if p), None)
