@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ensemble.distill_report import BASELINE_SUFFIX, distill_report
-from ensemble.record import read_blend_record
+from ensemble.record import BlendRecord, read_blend_record
 from ensemble.teacher import check_parameters, teacher_pass
 from foldwise.cli import ArgumentParser, run_entry_point
 from kfold.cli import build_parser, parse_args, parse_folds, resolve_recipe, run_experiment
@@ -67,11 +67,8 @@ def _without(argv: Sequence[str], drop_distill_opts: bool) -> list[str]:
     return [a for j, a in enumerate(out) if a != "--opts" or (j + 1 < len(out) and not out[j + 1].startswith("--"))]
 
 
-def _teacher_error(err: TeacherError, fold: int) -> TeacherError:
-    return TeacherError(f"{err}; --retrain makes fold {fold}'s teacher targets and trains the fold again")
-
-
-def prepare_teacher(recipe: Recipe, root: DataRoot, fold: int, record_path: Path, args: Any) -> None:
+def prepare_teacher(recipe: Recipe, root: DataRoot, fold: int, record: BlendRecord, record_path: Path,
+                    args: Any) -> None:
     """Fold k's teacher store, made once: an existing one is checked (and, under ``--retrain``, made again with
     the fold when its provenance no longer holds); a missing one is made by the teacher pass."""
     fold_of, digest = read_folds(root), folds_sha256(root)
@@ -81,20 +78,20 @@ def prepare_teacher(recipe: Recipe, root: DataRoot, fold: int, record_path: Path
     if (folder / TEACHER_MANIFEST).is_file():
         try:
             manifest = check_teacher(folder, fold, teacher, train_ids, pseudo, Path(args.out))
-            check_parameters(manifest, read_blend_record(record_path), fold, folder / TEACHER_MANIFEST)
+            check_parameters(manifest, record, fold, folder / TEACHER_MANIFEST)
             return
         except TeacherError as err:
             if not args.retrain:
-                raise _teacher_error(err, fold) from None
-            clear_fold(fold_dir(args.out, recipe.name, fold))
-            (folder / TEACHER_MANIFEST).unlink()
+                raise TeacherError(f"{err}; --retrain makes fold {fold}'s teacher targets and trains the fold "
+                                   f"again") from None
+            clear_fold(fold_dir(args.out, recipe.name, fold))  # its targets are made again below
             print(f"{recipe.name} fold {fold}: cleared for --retrain, its teacher targets no longer hold: "
                   f"{str(err).split(': ', 1)[1]}")
     import torch
 
     device = args.teacher_device or ("cuda" if torch.cuda.is_available() else "cpu")
-    manifest = teacher_pass(read_blend_record(record_path), record_path, Path(args.out), root, digest, fold,
-                            train_ids, pseudo, folder, device, wait=args.wait)
+    manifest = teacher_pass(record, record_path, Path(args.out), root, digest, fold, train_ids, pseudo, folder,
+                            device, wait=args.wait)
     counts = ", ".join(f"{n} {split}" for split, n in manifest["n"].items())
     print(f"{recipe.name} fold {fold}: teacher targets of {teacher} fold {fold} ({counts} images, "
           f"{manifest['seconds']:.1f} s) -> {folder}")
@@ -116,7 +113,7 @@ def run_student(name: str, base: dict[str, Any], args: Any, argv: Sequence[str])
         raise ConfigError(f"{record_path}: the blend has {record.folds} folds, data.k_folds is {recipe.data.k_folds}")
     ensure_folds(root, recipe.data.k_folds, recipe.data.fold_seed)
     for fold in parse_folds(args.fold, recipe.data.k_folds):
-        prepare_teacher(recipe, root, fold, record_path, args)
+        prepare_teacher(recipe, root, fold, record, record_path, args)
     code = run_experiment(name, base, args, _without(argv, drop_distill_opts=False))
     baseline = f"{name}{BASELINE_SUFFIX}"
     if args.baseline:

@@ -26,6 +26,7 @@ from kfold.validate import fit_recipe_to_root, validate_recipe
 if TYPE_CHECKING:
     from kfold.data.layout import DataRoot
     from kfold.distributed import DistInfo
+    from kfold.store.teacher import TeacherTargets
 
 log = logging.getLogger("kfold")
 STORE_FILES = ("oof.npy", "test.npy", "model.safetensors")  # a fold's trackers name these by path and sha256
@@ -128,7 +129,6 @@ def _train_and_predict(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[
     from kfold.models import amp_dtype, load_weights, model_from_recipe
     from kfold.plots import plot_curves
     from kfold.splits import folds_sha256
-    from kfold.store.teacher import cite, open_teacher, teacher_dir
     from kfold.store.write import format_final_table, predict_fold
     from kfold.track import final_summary, open_fold
     from kfold.train import fit_fold
@@ -138,13 +138,7 @@ def _train_and_predict(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[
     setup_logging(run_dir, dist)
     for note in notes:
         log.info(note)
-    teacher = None
-    if recipe.distill.teacher:  # checked before the first write: a broken provenance leaves the fold as it was
-        folder = teacher_dir(args.out, recipe.name, fold)
-        teacher = open_teacher(folder, fold, recipe.distill.teacher, train_ids, recipe.distill.pseudo_test,
-                               Path(args.out))
-        log.info("distill: fold %d learns from %s (blend %s: %s, fold %d models only)", fold, folder,
-                 recipe.distill.teacher, ", ".join(m["experiment"] for m in teacher.manifest["members"]), fold)
+    teacher = fold_teacher(recipe, args.out, fold, train_ids)  # before the first write of a distilled fold
     if dist.is_main:
         for stale in run_dir.glob(".*.tmp"):  # left by a killed write; never read, only taking space
             stale.unlink(missing_ok=True)
@@ -167,8 +161,7 @@ def _train_and_predict(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[
             load_weights(model, weights)
             result = predict_fold(model, recipe, root, fold, val_ids, run_dir, dist.device, folds_sha256(root),
                                   recipe.name, amp=amp_dtype(recipe.train.amp, dist.device),
-                                  teacher=cite(teacher_dir(args.out, recipe.name, fold), teacher.manifest)
-                                  if teacher else None)
+                                  teacher=teacher.citation() if teacher else None)
             log.info("%s fold %d: OOF mIoU %.4f (TTA, full resolution)", recipe.name, fold, result["oof_miou"])
             log.info("final metrics (%s):\n%s", run_dir / "final_metrics.csv",
                      format_final_table((run_dir / "final_metrics.csv").read_text()))
@@ -179,6 +172,20 @@ def _train_and_predict(recipe: Recipe, root: DataRoot, fold: int, fold_of: dict[
             tracking.finish({}, ok=False)
         raise
     barrier()
+
+
+def fold_teacher(recipe: Recipe, out: str, fold: int, train_ids: list[str]) -> TeacherTargets | None:
+    """A distilled recipe's teacher targets for ``fold`` (made by its script's teacher pass, ``ensemble.distill``),
+    checked against every provenance rule; None when the recipe has no teacher."""
+    if not recipe.distill.teacher:
+        return None
+    from kfold.store.teacher import open_teacher, teacher_dir
+
+    folder = teacher_dir(out, recipe.name, fold)
+    teacher = open_teacher(folder, fold, recipe.distill.teacher, train_ids, recipe.distill.pseudo_test, Path(out))
+    log.info("distill: fold %d learns from %s (blend %s: %s, fold %d models only)", fold, folder,
+             recipe.distill.teacher, ", ".join(m["experiment"] for m in teacher.manifest["members"]), fold)
+    return teacher
 
 
 def check_initial_weights(path: str, recipe: Recipe, num_classes: int) -> None:

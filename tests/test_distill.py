@@ -23,9 +23,13 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
 
 
+# With pseudo-labels: the test images join each fold's training with that fold's teacher targets.
+OPTS = ("distill.teacher", "teach", "distill.pseudo_test", "true", "distill.min_confidence", "0.3")
+
+
 def student(base: Path, root: Path, *extra: str) -> subprocess.CompletedProcess:
     return run("experiments/exp097_1.py", "--preset", "smoke", "--data-root", str(root), "--out", str(base / "runs"),
-               "--submissions", str(base / "subs"), "--opts", "distill.teacher", "teach", *extra)
+               "--submissions", str(base / "subs"), *extra, "--opts", *OPTS)
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +52,14 @@ def test_teacher_stores_name_only_fold_k_models_and_the_report_says_what_was_rec
         teacher = json.loads((runs / "exp097_1" / "teacher" / f"fold{k}" / "teacher.json").read_text())
         assert teacher["fold"] == k and teacher["blend"] == "teach"
         assert [(m["experiment"], m["fold"]) for m in teacher["members"]] == [("exp093_2", k), ("exp093_5", k)]
+        assert teacher["splits"] == ["train", "test"] and teacher["n"] == {"train": 32, "test": 8}
         record = json.loads((base / "subs" / "teach.json").read_text())
         assert teacher["weights"] == record["nested_folds"][k]["weights"]  # fitted without fold k
         manifest = json.loads((runs / "exp097_1" / f"fold{k}" / "manifest.json").read_text())
         assert manifest["teacher"]["members"] == teacher["members"]
-        log = (runs / "exp097_1" / f"fold{k}" / "metrics.csv").read_text()
-        assert "train_distill" in log.splitlines()[0]
+        fold_dir = runs / "exp097_1" / f"fold{k}"
+        assert "train_distill" in (fold_dir / "metrics.csv").read_text().splitlines()[0]
+        assert f"8 test images pseudo-labelled by the fold-{k} teacher" in (fold_dir / "train.log").read_text()
     assert "recovered share of the blend's gain" in proc.stdout
     assert "baseline" in proc.stdout and "exp097_1_baseline" in proc.stdout
     assert "inference per image" in proc.stdout and "x faster" in proc.stdout

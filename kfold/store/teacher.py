@@ -116,12 +116,14 @@ class TeacherTargets:
     """One fold's teacher probabilities, memory-mapped: ``probs(split, id)`` is float32 (C, h, w).
 
     Args:
+        folder: the store.
         fold: the fold they are for.
-        manifest: ``teacher.json`` (what the student's own manifest cites).
+        manifest: ``teacher.json``.
         arrays: split -> (N, C, h, w) float16 memory map.
         rows: split -> id -> row.
     """
 
+    folder: Path
     fold: int
     manifest: dict[str, Any]
     arrays: dict[str, np.ndarray]
@@ -132,6 +134,12 @@ class TeacherTargets:
 
     def ids(self, split: str) -> list[str]:
         return list(self.rows[split])
+
+    def citation(self) -> dict[str, Any]:
+        """What the student's fold manifest records of its teacher: the store, its digest, every member file."""
+        path = self.folder / TEACHER_MANIFEST
+        return {"store": str(path.resolve()), "sha256": sha256_file(path), "blend": self.manifest["blend"],
+                "record": self.manifest["record"], "members": self.manifest["members"]}
 
 
 def open_teacher(folder: Path, fold: int, blend: str, train_ids: Sequence[str], needs_test: bool,
@@ -145,10 +153,6 @@ def open_teacher(folder: Path, fold: int, blend: str, train_ids: Sequence[str], 
         if array.shape[0] != len(ids) or array.ndim != 4:
             raise TeacherError(f"fold {fold}: {folder / f'{split}.npy'} has shape {array.shape} for {len(ids)} ids")
         arrays[split], rows[split] = array, {image_id: i for i, image_id in enumerate(ids)}
-    return TeacherTargets(fold, manifest, arrays, rows)
+    return TeacherTargets(folder, fold, manifest, arrays, rows)
 
 
-def cite(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """What the student's fold manifest records of its teacher: the store, its digest and every member file."""
-    return {"store": str((folder / TEACHER_MANIFEST).resolve()), "sha256": sha256_file(folder / TEACHER_MANIFEST),
-            "blend": manifest["blend"], "record": manifest["record"], "members": manifest["members"]}
