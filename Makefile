@@ -55,7 +55,7 @@ demo-distill: $(STAMP)
 # fixtures are built once). test-fast: the unit tier, leaving out the end-to-end tests (marker e2e).
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -n auto --dist loadfile
+	$(PY) -m pytest -n auto --dist loadfile --durations=12
 
 test-fast: $(STAMP)
 	$(PY) -m ruff check .

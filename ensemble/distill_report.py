@@ -92,7 +92,7 @@ def _passes(bundle: BlendBundle) -> str:
     same = len(set(views)) == 1 and len(set(folds)) == 1
     shape = f"{len(views)} x {folds[0]} x {views[0]}" if same else " + ".join(f"{f} x {v}" for f, v in zip(folds,
                                                                                                           views))
-    return f"{shape} = {total} forward passes"
+    return f"{shape} = {total} forward pass{'es' if total > 1 else ''}"
 
 
 def _fmt(value: float | None, pct: bool = False) -> str:

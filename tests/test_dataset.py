@@ -269,3 +269,15 @@ def test_soft_targets_move_with_the_label_and_pseudo_labels_need_confidence(root
     assert set(pseudo["label"][:, -4:].unique().tolist()) == {3}  # confident: the teacher's class
     assert (pseudo["label"][:, :4] == 255).all() and (pseudo["soft"][:, :, :4] == 0).all()  # below: nothing
     assert (pseudo["depth"] == 0).all()  # no depth supervision from test images
+
+
+def test_soft_targets_stay_on_their_pixels_under_the_whole_augmentation() -> None:
+    image, depth, label = sample()
+    one_hot = np.eye(NUM_CLASSES, dtype=np.float32)[np.minimum(label, NUM_CLASSES - 1)]
+    t = TrainTransform((H, W), (H - 16, W - 16), scale_limit=0.2, rotate_limit=10)
+    for seed in range(6):
+        t.reseed(seed)
+        out = t(image=image, depth=depth, label=label, soft=one_hot)
+        valid = out["label"] != 255
+        assert (out["soft"].argmax(-1)[valid] == out["label"][valid]).all()
+        assert (out["soft"].sum(-1)[~valid] == 0).all()  # invented pixels carry no target
