@@ -142,15 +142,19 @@ def run_case(work: Path, n_train: int, n_test: int, size: tuple[int, int], tiny:
     runs_to_time = (("first", "blend --per-class"), ("again", "again, member scores kept"))
     for run, label in runs_to_time[:1] if tiny else runs_to_time:  # tiny: the suite's check, one blend
         drop_page_cache(list(files_under(runs, root)))
-        blend_once(work, runs, run, f"size {tag}: {label} vs read stores once", t_read, n_bytes)
+        # tiny: one process (a pool's start-up would be most of the suite's check, and it is timed elsewhere)
+        blend_once(work, runs, run, f"size {tag}: {label} vs read stores once", t_read, n_bytes,
+                   ["--workers", "1"] if tiny else [])
 
 
-def blend_once(work: Path, runs: Path, name: str, figure: str, t_read: float, n_bytes: int) -> None:
+def blend_once(work: Path, runs: Path, name: str, figure: str, t_read: float, n_bytes: int,
+               extra: Sequence[str] = ()) -> None:
     """Run ``ensemble/blend.py --per-class`` as a user would and print its result line and timings."""
     out_dir = work / "submissions"
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "MPLBACKEND": "Agg"}
     cmd = [sys.executable, "ensemble/blend.py", "--runs-dir", str(runs), "--runs",
-           *[f"model{m}" for m in range(N_MODELS)], "--per-class", "--out-dir", str(out_dir), "--name", name]
+           *[f"model{m}" for m in range(N_MODELS)], "--per-class", "--out-dir", str(out_dir), "--name", name,
+           *extra]
     wall, heap, mapped, proc = run_sampled(cmd, env)
     if proc.returncode != 0:
         raise RuntimeError(f"blend failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 from foldwise.cli import ArgumentParser, at_least, run_entry_point
 from foldwise.io import read_text, write_text
@@ -89,6 +88,9 @@ def make_folds(root: DataRoot, k: int = 5, seed: int = 42) -> pd.DataFrame:
     """
     if k < 2:
         raise ValueError(f"k must be >= 2, got {k}")
+    # Here, not at the top: folds are made once per root, and every training process imports this module.
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
     ids = sorted(root.train_ids)
     groups = np.asarray([root.scenes.get(i, i) for i in ids])
     n_groups = len(set(groups.tolist()))

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from timm.utils import ModelEmaV3
@@ -28,8 +29,6 @@ from kfold.checkpoint import (
 from kfold.config import Recipe
 from kfold.data.dataset import SegmentationDataset
 from kfold.data.layout import DataRoot
-from kfold.data.shards import check_matches, read_index
-from kfold.data.stream import ShardStream
 from kfold.data.transforms import EvalTransform, TrainTransform, derived_seed
 from kfold.distributed import DistInfo, all_reduce_sum, broadcast_buffers
 from kfold.losses import SegDepthLoss, parts_as_floats
@@ -38,6 +37,9 @@ from kfold.models import amp_dtype, model_from_recipe
 from kfold.store.teacher import TeacherTargets
 from kfold.weights import init_from, write_init_report
 from tta import split_output
+
+if TYPE_CHECKING:
+    from kfold.data.stream import ShardStream
 
 log = logging.getLogger("kfold")
 MAX_SKIPPED_STEPS = 20  # fp16 steps with a non-finite loss that one epoch may drop before the run stops
@@ -155,7 +157,10 @@ def build_loaders(recipe: Recipe, root: DataRoot, train_ids: Sequence[str], val_
                                   transform=EvalTransform(d.input_size))
     val_loader = DataLoader(val_set, batch_size=recipe.oof.batch_size, num_workers=d.num_workers)
     stream = None
-    if d.streaming:
+    if d.streaming:  # webdataset: imported only by streamed runs
+        from kfold.data.shards import check_matches, read_index
+        from kfold.data.stream import ShardStream
+
         index = read_index(d.shards or root.path / "shards")
         check_matches(index, root, train_ids)
         stream = ShardStream(index, train_set, recipe.train.seed, per_rank_batch, d.buffer_batches, dist.rank,

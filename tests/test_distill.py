@@ -4,6 +4,7 @@ experiment (leaderboard, blend, predictor)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -12,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from ensemble.distill import student_main
 
 pytestmark = pytest.mark.e2e  # runs commands end to end in subprocesses (the e2e tier)
 
@@ -38,7 +41,7 @@ def distilled(smoke_runs, synthetic_root, tmp_path_factory) -> tuple[Path, subpr
     base = tmp_path_factory.mktemp("distill")
     shutil.copytree(smoke_runs, base / "runs", ignore=shutil.ignore_patterns("last.pt"))
     proc = run("ensemble/blend.py", "--runs-dir", str(base / "runs"), "--runs", "exp093_2", "exp093_5", "--name",
-               "teach", "--out-dir", str(base / "subs"), "--workers", "1")
+               "teach", "--out-dir", str(base / "subs"), "--workers", "1", "--pixels", "5000")
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = student(base, synthetic_root, "--baseline")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -93,16 +96,27 @@ def test_the_student_blends_exports_and_predicts_like_any_experiment(distilled, 
     assert len(list((tmp_path / "masks").glob("*.png"))) == 8
 
 
-def test_broken_provenance_is_one_line_naming_the_fold(distilled, synthetic_root, tmp_path) -> None:
+def student_in_process(base: Path, root: Path, capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:
+    """exp097_1's command line run in this process (a refusal comes before any training): (code, stderr lines)."""
+    spec = importlib.util.spec_from_file_location("exp097_1", REPO / "experiments" / "exp097_1.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    capsys.readouterr()
+    code = student_main("exp097_1", script.RECIPE, ["--preset", "smoke", "--data-root", str(root), "--out",
+                                                    str(base / "runs"), "--submissions", str(base / "subs"),
+                                                    "--opts", *OPTS])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_broken_provenance_is_one_line_naming_the_fold(distilled, synthetic_root, tmp_path, capsys) -> None:
     base, _ = distilled
     changed = tmp_path / "changed"
     shutil.copytree(base / "subs", changed / "subs")
     shutil.copytree(base / "runs", changed / "runs", ignore=shutil.ignore_patterns("exp097_1_baseline"))
     member = changed / "runs" / "exp093_2" / "fold2" / "model.safetensors"
     shutil.copy(changed / "runs" / "exp093_2" / "fold3" / "model.safetensors", member)  # fold 2 trained again
-    proc = student(changed, synthetic_root)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    code, lines = student_in_process(changed, synthetic_root, capsys)
+    assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith("error: fold 2: ") and str(member) in lines[0] and "--retrain" in lines[0]
 
     swapped = tmp_path / "swapped"
@@ -111,7 +125,6 @@ def test_broken_provenance_is_one_line_naming_the_fold(distilled, synthetic_root
     teachers = swapped / "runs" / "exp097_1" / "teacher"
     shutil.rmtree(teachers / "fold3")
     shutil.copytree(teachers / "fold1", teachers / "fold3")
-    proc = student(swapped, synthetic_root)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    code, lines = student_in_process(swapped, synthetic_root, capsys)
+    assert code == 2 and len(lines) == 1, lines
     assert "error: fold 3: " in lines[0] and "holds fold 1's teacher targets" in lines[0]
