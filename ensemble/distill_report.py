@@ -89,9 +89,8 @@ def _passes(bundle: BlendBundle) -> str:
     views = [len(m.recipe.tta.scales) * (2 if m.recipe.tta.hflip else 1) for m in bundle.members]
     folds = [len(m.weights_files) for m in bundle.members]
     total = sum(f * v for f, v in zip(folds, views))
-    same = len(set(views)) == 1 and len(set(folds)) == 1
-    shape = f"{len(views)} x {folds[0]} x {views[0]}" if same else " + ".join(f"{f} x {v}" for f, v in zip(folds,
-                                                                                                          views))
+    parts = [f"{f} x {v}" for f, v in zip(folds, views)]
+    shape = f"{len(parts)} x {parts[0]}" if len(set(parts)) == 1 else " + ".join(parts)
     return f"{shape} = {total} forward pass{'es' if total > 1 else ''}"
 
 
@@ -110,11 +109,12 @@ def distill_report(runs_dir: Path, student: str, record_path: Path, root: DataRo
     blend = {"miou": record.nested["miou"], "per_class_iou": record.nested["per_class_iou"],
              **({"test_miou": record.test["miou"]} if record.test else {})}
     s, b = scores[student], scores[baseline]
-    per_class = {c: {"student": s["per_class_iou"][c], "baseline": b["per_class_iou"][c],
-                     "blend": blend["per_class_iou"].get(c),
-                     "recovered": recovered(s["per_class_iou"][c], b["per_class_iou"][c],
-                                            blend["per_class_iou"].get(c) or float("nan"))}
-                 for c in record.classes}
+    per_class = {}
+    for c in record.classes:
+        blend_iou = blend["per_class_iou"].get(c)  # null in the record where the class never occurs
+        per_class[c] = {"student": s["per_class_iou"][c], "baseline": b["per_class_iou"][c], "blend": blend_iou,
+                        "recovered": recovered(s["per_class_iou"][c], b["per_class_iou"][c],
+                                               float("nan") if blend_iou is None else blend_iou)}
     ensemble = open_from_runs(record_path, runs_dir)
     fast = student_bundle(runs_dir, student)
     timing = seconds_per_image({"ensemble": ensemble, "student": fast}, root, device)
