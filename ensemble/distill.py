@@ -22,7 +22,7 @@ from ensemble.distill_report import BASELINE_SUFFIX, distill_report
 from ensemble.record import BlendRecord, read_blend_record
 from ensemble.teacher import check_parameters, teacher_pass
 from foldwise.cli import ArgumentParser, run_entry_point
-from kfold.cli import build_parser, parse_args, parse_folds, resolve_recipe, run_experiment
+from kfold.cli import build_parser, hear_ctrl_c, parse_args, parse_folds, resolve_recipe, run_experiment
 from kfold.config import ConfigError, Recipe, load_recipe
 from kfold.data.layout import DataRoot, open_root
 from kfold.rundir import clear_fold, fold_dir
@@ -133,6 +133,7 @@ def student_main(name: str, base: dict[str, Any], argv: Sequence[str] | None = N
     """Entry point of a student's experiment script (``experiments/exp097_1.py``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = student_parser().parse_args(argv)
+    hear_ctrl_c()
     return run_entry_point(lambda: run_student(name, base, args, argv), args.debug,
                            interrupted="interrupted: finished folds and teacher stores are kept; run again with "
                                        "--resume to continue")

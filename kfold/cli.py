@@ -329,6 +329,13 @@ def run_experiment(name: str, base: dict[str, Any], args: argparse.Namespace, ar
     return 0
 
 
+def hear_ctrl_c() -> None:
+    """Background jobs of a non-interactive shell (make demo trains two at once) start with SIGINT ignored;
+    without this, Ctrl-C in the terminal would leave them training."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(name: str, base: dict[str, Any], argv: list[str] | None = None) -> int:
     """Entry point of an experiment script.
 
@@ -338,9 +345,6 @@ def main(name: str, base: dict[str, Any], argv: list[str] | None = None) -> int:
         argv: command-line arguments (default ``sys.argv[1:]``).
     """
     args = parse_args(argv)
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        # Background jobs of a non-interactive shell (make demo trains two at once) start with SIGINT
-        # ignored; without this, Ctrl-C in the terminal would leave them training.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    hear_ctrl_c()
     return run_entry_point(lambda: run_experiment(name, base, args, argv), args.debug,
                            interrupted="interrupted: finished folds are kept; run again with --resume to continue")

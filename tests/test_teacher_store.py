@@ -8,12 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from faults.stores import write_store
 
 from ensemble.distill import _without
 from ensemble.distill_report import recovered
 from ensemble.record import BlendRecord
-from ensemble.teacher import check_parameters
+from ensemble.teacher import check_parameters, fold_teacher
 from foldwise.io import write_json
+from kfold.data.layout import open_root
+from kfold.splits import folds_sha256
+from kfold.store.format import StoreError
 from kfold.store.teacher import TeacherError, check_teacher, file_entry, member_entry, open_teacher
 
 TRAIN_IDS = ["a", "b", "c"]
@@ -101,3 +105,16 @@ def test_the_recovered_share_needs_a_gain() -> None:
     assert recovered(0.6, 0.5, 0.7) == pytest.approx(0.5)
     assert recovered(0.8, 0.5, 0.7) == pytest.approx(1.5)  # beyond its teacher: more than all of it
     assert recovered(0.6, 0.5, 0.5) is None and recovered(0.6, 0.5, 0.4) is None
+
+
+def test_a_second_round_member_taught_by_another_fold_is_refused(synthetic_root: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    student = write_store(runs, "student1", synthetic_root, seed=3)
+    manifest_path = student / "fold2" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["teacher"] = {"members": [{"experiment": "exp_a", "fold": 0, "sha256": {}}]}  # taught by fold 0
+    write_json(manifest_path, manifest)
+    record = BlendRecord(name="round2", members=["student1"], nested_folds=[{"fold": 2, "weights": [1.0],
+                                                                           "temperatures": [1.0]}])
+    with pytest.raises(StoreError, match="fold 2: .*learnt from exp_a fold 0, a model that saw fold 2's images"):
+        fold_teacher(record, runs, 2, folds_sha256(open_root(synthetic_root)))
