@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ensemble.bundle import BlendBundle, MemberBundle
-from ensemble.predict import load_models, predict_probs
+from ensemble.predict import LoadedMember, load_models, predict_probs
 from ensemble.record import BlendRecord
 from ensemble.stores import blend_grid
 from foldwise.io import write_json, write_text
@@ -77,7 +77,7 @@ def check_parameters(manifest: dict[str, Any], record: BlendRecord, fold: int, p
                            f"{now[0]}, {now[1]}, {now[2]}")
 
 
-def _predict_split(loaded: list, blend: BlendBundle, root: DataRoot, split: str, ids: Sequence[str], out: Path,
+def _predict_split(loaded: list[LoadedMember], blend: BlendBundle, root: DataRoot, split: str, ids: Sequence[str], out: Path,
                    device: torch.device, desc: str) -> None:
     grid = blend_grid([m.store_size for m in blend.members])
     needs_depth = any(m.recipe.data.in_channels == 4 for m in blend.members)
