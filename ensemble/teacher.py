@@ -77,8 +77,8 @@ def check_parameters(manifest: dict[str, Any], record: BlendRecord, fold: int, p
                            f"{now[0]}, {now[1]}, {now[2]}")
 
 
-def _predict_split(loaded: list[LoadedMember], blend: BlendBundle, root: DataRoot, split: str, ids: Sequence[str], out: Path,
-                   device: torch.device, desc: str) -> None:
+def _predict_split(loaded: list[LoadedMember], blend: BlendBundle, root: DataRoot, split: str, ids: Sequence[str],
+                   out: Path, device: torch.device, desc: str) -> None:
     grid = blend_grid([m.store_size for m in blend.members])
     needs_depth = any(m.recipe.data.in_channels == 4 for m in blend.members)
     batch = max(m.recipe.oof.batch_size for m in blend.members)
