@@ -360,9 +360,10 @@ def soft_target_loss(seg_logits: Tensor, soft: Tensor, temperature: float = 1.0)
     """
     logits = _resize(seg_logits.float(), tuple(soft.shape[-2:]))
     covered = soft.float().sum(1) > 0
-    teacher = apply_temperature(soft, temperature, dim=1)  # float32, floored: log of a 0 stays finite
+    teacher = apply_temperature(soft, temperature, dim=1)  # float32; at T < 1 a tiny probability becomes 0
     log_student = F.log_softmax(logits / temperature, dim=1)
-    per_pixel = (teacher * (teacher.log() - log_student)).sum(1) * covered
+    # kl_div takes 0 x log 0 as 0 (xlogy): a teacher probability of exactly 0 adds nothing rather than nan.
+    per_pixel = F.kl_div(log_student, teacher, reduction="none").sum(1) * covered
     den = covered.sum()
     return per_pixel.sum() / torch.where(den > 0, den, torch.ones_like(den)) * temperature**2
 

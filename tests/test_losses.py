@@ -247,6 +247,10 @@ def test_soft_targets_kl_is_zero_at_the_teacher_and_skips_uncovered_pixels():
     covered = (teacher * (teacher.log() - F.log_softmax(other, 1))).sum(1)[..., :3].mean()
     assert torch.allclose(soft_target_loss(other, half, 1.0), covered, atol=1e-5)
     assert soft_target_loss(other, torch.zeros_like(teacher)) == 0  # nothing covered: 0, not nan
+    certain = torch.zeros_like(teacher)
+    certain[:, 1] = 1.0  # stored float16 zeros: at T < 1 they stay exact zeros, which must add 0, not nan
+    for temperature in (0.5, 1.0, 4.0):
+        assert torch.isfinite(soft_target_loss(other, certain.half(), temperature))
 
 
 def test_soft_term_enters_the_total_with_its_weight():
