@@ -18,9 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ensemble.distill_report import BASELINE_SUFFIX, distill_report
 from ensemble.record import BlendRecord, read_blend_record
-from ensemble.teacher import check_parameters, teacher_pass
 from foldwise.cli import ArgumentParser, run_entry_point
 from kfold.cli import build_parser, hear_ctrl_c, parse_args, parse_folds, resolve_recipe, run_experiment
 from kfold.config import ConfigError, Recipe, load_recipe
@@ -31,6 +29,8 @@ from kfold.store.format import is_complete
 from kfold.store.teacher import TEACHER_MANIFEST, TeacherError, check_teacher, teacher_dir
 from kfold.validate import fit_recipe_to_root, validate_recipe
 
+# The torch-heavy modules (the teacher pass, the report) are imported where they are used, so that --help, a bad
+# flag or recipe value and a missing blend record are answered as quickly as by any experiment script.
 OWN_FLAGS = {"--baseline": 0, "--submissions": 1, "--teacher-device": 1}  # flag -> values; not the fold jobs'
 
 
@@ -43,7 +43,7 @@ def student_parser() -> ArgumentParser:
                              "report")
     parser.add_argument("--submissions", default="submissions", help="folder of the teacher blend's record")
     parser.add_argument("--teacher-device", choices=("cpu", "cuda"),
-                        help="where the teacher pass runs (default: cuda when visible)")
+                        help="where the teacher pass and the report's timing run (default: cuda when visible)")
     return parser
 
 
@@ -67,10 +67,19 @@ def _without(argv: Sequence[str], drop_distill_opts: bool) -> list[str]:
     return [a for j, a in enumerate(out) if a != "--opts" or (j + 1 < len(out) and not out[j + 1].startswith("--"))]
 
 
+def device_or_default(device: str | None) -> str:
+    """``cuda`` when asked for or, by default, when one is visible; else ``cpu``."""
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def prepare_teacher(recipe: Recipe, root: DataRoot, fold: int, record: BlendRecord, record_path: Path,
                     args: Any) -> None:
     """Fold k's teacher store, made once: an existing one is checked (and, under ``--retrain``, made again with
     the fold when its provenance no longer holds); a missing one is made by the teacher pass."""
+    from ensemble.teacher import check_parameters, teacher_pass
+
     fold_of, digest = read_folds(root), folds_sha256(root)
     train_ids = [i for i in root.train_ids if fold_of[i] != fold]
     folder = teacher_dir(args.out, recipe.name, fold)
@@ -87,11 +96,8 @@ def prepare_teacher(recipe: Recipe, root: DataRoot, fold: int, record: BlendReco
             clear_fold(fold_dir(args.out, recipe.name, fold))  # its targets are made again below
             print(f"{recipe.name} fold {fold}: cleared for --retrain, its teacher targets no longer hold: "
                   f"{str(err).split(': ', 1)[1]}")
-    import torch
-
-    device = args.teacher_device or ("cuda" if torch.cuda.is_available() else "cpu")
     manifest = teacher_pass(record, record_path, Path(args.out), root, digest, fold, train_ids, pseudo, folder,
-                            device, wait=args.wait)
+                            device_or_default(args.teacher_device), wait=args.wait)
     counts = ", ".join(f"{n} {split}" for split, n in manifest["n"].items())
     print(f"{recipe.name} fold {fold}: teacher targets of {teacher} fold {fold} ({counts} images, "
           f"{manifest['seconds']:.1f} s) -> {folder}")
@@ -115,6 +121,8 @@ def run_student(name: str, base: dict[str, Any], args: Any, argv: Sequence[str])
     for fold in parse_folds(args.fold, recipe.data.k_folds):
         prepare_teacher(recipe, root, fold, record, record_path, args)
     code = run_experiment(name, base, args, _without(argv, drop_distill_opts=False))
+    from ensemble.distill_report import BASELINE_SUFFIX, distill_report
+
     baseline = f"{name}{BASELINE_SUFFIX}"
     if args.baseline:
         baseline_argv = _without(argv, drop_distill_opts=True)
@@ -123,7 +131,7 @@ def run_student(name: str, base: dict[str, Any], args: Any, argv: Sequence[str])
     done = [all(is_complete(fold_dir(args.out, exp, k)) for k in range(recipe.data.k_folds))
             for exp in (name, baseline)]
     if all(done):
-        distill_report(Path(args.out), name, record_path, root)
+        distill_report(Path(args.out), name, record_path, root, device_or_default(args.teacher_device))
     elif done[0]:
         print(f"{name}: no complete baseline for the recovered-gain report; run again with --baseline")
     return code
@@ -145,10 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("student", help="the student experiment (its folds name their teacher blend)")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
     parser.add_argument("--submissions", type=Path, default=Path("submissions"), help="folder of the blend record")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the timing runs")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="where the timing runs (default: cuda when visible)")
     args = parser.parse_args(argv)
 
     def body() -> int:
+        from ensemble.distill_report import distill_report
+
         config = args.runs_dir / args.student / "fold0" / "config.yaml"
         if not config.is_file():
             raise FileNotFoundError(f"{config}: not found; is {args.student!r} a trained experiment under "
@@ -158,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"{config}: distill.teacher is null; {args.student!r} is not a distilled student")
         root = open_root(recipe.data.root, class_map=recipe.data.class_map)
         distill_report(args.runs_dir, args.student, args.submissions / f"{recipe.distill.teacher}.json", root,
-                       args.device)
+                       device_or_default(args.device))
         return 0
 
     return run_entry_point(body, args.debug)

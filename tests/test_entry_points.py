@@ -147,6 +147,18 @@ def test_help_and_bad_opts_are_answered_before_torch_is_imported(argv) -> None:
     assert ("RC 0" if argv == ["--help"] else "RC 2") in proc.stdout
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["--opts", "distill.alpha", "-1"], ["--submissions", "nowhere"]])
+def test_a_students_help_bad_opts_and_missing_blend_are_answered_before_torch_is_imported(argv) -> None:
+    code = ("import sys; from ensemble.distill import student_main\n"
+            f"try:\n    rc = student_main('exp097_1', {{'distill.teacher': 'b'}}, {argv!r})\n"
+            "except SystemExit as e:\n    rc = e.code\n"
+            "heavy = sorted(m for m in ('torch', 'segmentation_models_pytorch', 'timm', 'albumentations', 'cv2')"
+            " if m in sys.modules)\nprint('HEAVY', heavy, 'RC', rc)")
+    proc = run("-c", code)
+    assert "HEAVY [] RC" in proc.stdout, (proc.stdout, proc.stderr)
+    assert ("RC 0" if argv == ["--help"] else "RC 2") in proc.stdout
+
+
 @pytest.mark.parametrize("key, value, words", [
     ("train.batch_size", -1, "train.batch_size: must be >= 1"),
     ("train.batch_size", 0, "train.batch_size"),
