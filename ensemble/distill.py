@@ -23,6 +23,7 @@ from foldwise.cli import ArgumentParser, run_entry_point
 from kfold.cli import build_parser, hear_ctrl_c, parse_args, parse_folds, resolve_recipe, run_experiment
 from kfold.config import ConfigError, Recipe, load_recipe
 from kfold.data.layout import DataRoot, open_root
+from kfold.launch import drop_flags
 from kfold.rundir import clear_fold, fold_dir
 from kfold.splits import ensure_folds, folds_sha256, read_folds
 from kfold.store.format import is_complete
@@ -49,19 +50,14 @@ def student_parser() -> ArgumentParser:
 
 def _without(argv: Sequence[str], drop_distill_opts: bool) -> list[str]:
     """``argv`` less this module's flags (and, for the baseline, the ``--opts`` pairs of ``distill.*`` keys)."""
-    out, items, i, in_opts = [], list(argv), 0, False
+    out, items, i, in_opts = [], drop_flags(argv, OWN_FLAGS), 0, False
     while i < len(items):
-        item = items[i]
-        flag = item.split("=", 1)[0]
-        if flag in OWN_FLAGS:
-            i += 1 + (0 if "=" in item else OWN_FLAGS[flag])
-            continue
-        if item.startswith("--"):
-            in_opts = item == "--opts"
-        elif in_opts and drop_distill_opts and item.startswith("distill."):
+        if items[i].startswith("--"):
+            in_opts = items[i] == "--opts"
+        elif in_opts and drop_distill_opts and items[i].startswith("distill."):
             i += 2  # the key and its value
             continue
-        out.append(item)
+        out.append(items[i])
         i += 1
     # an --opts left with no pairs
     return [a for j, a in enumerate(out) if a != "--opts" or (j + 1 < len(out) and not out[j + 1].startswith("--"))]
@@ -74,13 +70,12 @@ def device_or_default(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def prepare_teacher(recipe: Recipe, root: DataRoot, fold: int, record: BlendRecord, record_path: Path,
-                    args: Any) -> None:
+def prepare_teacher(recipe: Recipe, root: DataRoot, fold_of: dict[str, int], fold: int, record: BlendRecord,
+                    record_path: Path, args: Any) -> None:
     """Fold k's teacher store, made once: an existing one is checked (and, under ``--retrain``, made again with
     the fold when its provenance no longer holds); a missing one is made by the teacher pass."""
     from ensemble.teacher import check_parameters, teacher_pass
 
-    fold_of, digest = read_folds(root), folds_sha256(root)
     train_ids = [i for i in root.train_ids if fold_of[i] != fold]
     folder = teacher_dir(args.out, recipe.name, fold)
     teacher, pseudo = recipe.distill.teacher, recipe.distill.pseudo_test
@@ -96,8 +91,8 @@ def prepare_teacher(recipe: Recipe, root: DataRoot, fold: int, record: BlendReco
             clear_fold(fold_dir(args.out, recipe.name, fold))  # its targets are made again below
             print(f"{recipe.name} fold {fold}: cleared for --retrain, its teacher targets no longer hold: "
                   f"{str(err).split(': ', 1)[1]}")
-    manifest = teacher_pass(record, record_path, Path(args.out), root, digest, fold, train_ids, pseudo, folder,
-                            device_or_default(args.teacher_device), wait=args.wait)
+    manifest = teacher_pass(record, record_path, Path(args.out), root, folds_sha256(root), fold, train_ids, pseudo,
+                            folder, device_or_default(args.teacher_device), wait=args.wait)
     counts = ", ".join(f"{n} {split}" for split, n in manifest["n"].items())
     print(f"{recipe.name} fold {fold}: teacher targets of {teacher} fold {fold} ({counts} images, "
           f"{manifest['seconds']:.1f} s) -> {folder}")
@@ -118,8 +113,9 @@ def run_student(name: str, base: dict[str, Any], args: Any, argv: Sequence[str])
     if record.folds != recipe.data.k_folds:
         raise ConfigError(f"{record_path}: the blend has {record.folds} folds, data.k_folds is {recipe.data.k_folds}")
     ensure_folds(root, recipe.data.k_folds, recipe.data.fold_seed)
+    fold_of = read_folds(root)
     for fold in parse_folds(args.fold, recipe.data.k_folds):
-        prepare_teacher(recipe, root, fold, record, record_path, args)
+        prepare_teacher(recipe, root, fold_of, fold, record, record_path, args)
     code = run_experiment(name, base, args, _without(argv, drop_distill_opts=False))
     from ensemble.distill_report import BASELINE_SUFFIX, distill_report
 

@@ -1,26 +1,16 @@
-"""exp097_2: the ResNet-18 student of exp097_1 (the same recipe otherwise).
+"""exp097_2: exp097_1 with a ResNet-18 encoder, a student as large as the demo's CPU-sized teachers.
 
-Fold k learns from the teacher blend's fold-k models only (weighted by the blend's nested fold-k parameters):
-CE on the labels + 1.0 x T^2 x KL(teacher || student) at T = 1 on every pixel the teacher covers. Name the
-blend with ``--opts distill.teacher NAME``; ``--baseline`` also trains exp097_1_baseline (no distillation) for the
-recovered-gain report. See docs/distill.md.
+``--opts distill.teacher NAME`` names the blend; ``--baseline`` also trains exp097_2_baseline. See docs/distill.md.
 """
 
+import runpy
 import sys
 from pathlib import Path
 
 from ensemble.distill import student_main
 
-RECIPE = {
-    "model.encoder": "resnet18",
-    "model.decoder_channels": 64,
-    "data.in_channels": 4,
-    "tta.scales": [1.0],
-    "tta.hflip": False,
-    "distill.teacher": "exp093_blend",
-    "distill.alpha": 1.0,
-    "distill.temperature": 1.0,
-}
+# exp097_1's recipe, read from its script (the one statement of the student) without running its main.
+RECIPE = {**runpy.run_path(str(Path(__file__).with_name("exp097_1.py")))["RECIPE"], "model.encoder": "resnet18"}
 
 if __name__ == "__main__":
     sys.exit(student_main(Path(__file__).stem, RECIPE))

@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,19 +73,24 @@ def check_launcher_args(args: argparse.Namespace) -> None:
         raise ConfigError("--jobs, --partition and --slurm need --launcher local or slurm")
 
 
-def job_argv(argv: list[str]) -> list[str]:
-    """The command line of a fold job: the user's, without the launcher's own flags."""
+def drop_flags(argv: Sequence[str], flags: Mapping[str, int]) -> list[str]:
+    """``argv`` without ``flags`` (flag -> how many values follow it), typed as ``--flag v`` or ``--flag=v``."""
     out, skip = [], 0
     for item in argv:
         if skip:
             skip -= 1
             continue
         flag = item.split("=", 1)[0]
-        if flag in _LAUNCHER_FLAGS:
-            skip = 0 if "=" in item else _LAUNCHER_FLAGS[flag]
+        if flag in flags:
+            skip = 0 if "=" in item else flags[flag]
             continue
         out.append(item)
     return out
+
+
+def job_argv(argv: list[str]) -> list[str]:
+    """The command line of a fold job: the user's, without the launcher's own flags."""
+    return drop_flags(argv, _LAUNCHER_FLAGS)
 
 
 def launcher_argv(argv: Sequence[str]) -> list[str]:

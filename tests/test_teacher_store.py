@@ -118,3 +118,13 @@ def test_a_second_round_member_taught_by_another_fold_is_refused(synthetic_root:
                                                                            "temperatures": [1.0]}])
     with pytest.raises(StoreError, match="fold 2: .*learnt from exp_a fold 0, a model that saw fold 2's images"):
         fold_teacher(record, runs, 2, folds_sha256(open_root(synthetic_root)))
+
+
+def test_a_broken_store_file_is_one_line_naming_it(tmp_path: Path) -> None:
+    runs, _, folder = fake_store(tmp_path)
+    (folder / "train.npy").write_bytes((folder / "train.npy").read_bytes()[:100])  # truncated
+    with pytest.raises(TeacherError, match="fold 1: .*train.npy unreadable"):
+        open_teacher(folder, 1, "b", TRAIN_IDS, False, runs)
+    write_json(folder / "teacher.json", {"format": 1, "fold": 1})
+    with pytest.raises(TeacherError, match="fold 1: .*teacher.json has no key 'blend'"):
+        open_teacher(folder, 1, "b", TRAIN_IDS, False, runs)

@@ -84,6 +84,9 @@ def check_teacher(folder: Path, fold: int, blend: str, train_ids: Sequence[str],
         raise TeacherError(f"fold {fold}: no teacher targets at {path} (the teacher pass of ensemble.distill "
                            f"writes them before the fold trains)")
     manifest = read_json_object(path)
+    missing = [key for key in ("blend", "fold", "record", "members", "splits") if key not in manifest]
+    if missing:
+        raise TeacherError(f"fold {fold}: {path} has no key {missing[0]!r}; is it a teacher store's manifest?")
     if manifest.get("format") != TEACHER_FORMAT:
         raise TeacherError(f"fold {fold}: {path}: teacher store format {manifest.get('format')!r}, this version "
                            f"reads {TEACHER_FORMAT}")
@@ -97,12 +100,12 @@ def check_teacher(folder: Path, fold: int, blend: str, train_ids: Sequence[str],
     if other:
         raise TeacherError(f"fold {fold}: {path} names {other[0]['experiment']} fold {other[0]['fold']}, a model "
                            f"that saw fold {fold}'s images")
-    problems = [_changed(fold, path, Path(runs_dir) / m["experiment"] / f"fold{fold}" / name, digest,
-                          f"member {m['experiment']}")
-                 for m in manifest["members"] for name, digest in m["sha256"].items()]
-    problem = next((p for p in problems if p), None)
-    if problem:
-        raise TeacherError(problem)
+    for member in manifest["members"]:  # hashed one by one: the first change found is the error
+        for name, digest in member["sha256"].items():
+            problem = _changed(fold, path, Path(runs_dir) / member["experiment"] / f"fold{fold}" / name, digest,
+                               f"member {member['experiment']}")
+            if problem:
+                raise TeacherError(problem)
     if read_ids(folder / "train_ids.txt") != list(train_ids):
         raise TeacherError(f"fold {fold}: {folder / 'train_ids.txt'} is not fold {fold}'s training ids "
                            f"(folds.csv changed since the teacher pass?)")
@@ -149,7 +152,11 @@ def open_teacher(folder: Path, fold: int, blend: str, train_ids: Sequence[str], 
     arrays, rows = {}, {}
     for split in manifest["splits"]:
         ids = read_ids(folder / f"{split}_ids.txt")
-        array = np.load(folder / f"{split}.npy", mmap_mode="r")
+        try:
+            array = np.load(folder / f"{split}.npy", mmap_mode="r")
+        except (OSError, ValueError) as err:  # truncated or not an .npy: numpy's message names no file
+            raise TeacherError(f"fold {fold}: {folder / f'{split}.npy'} unreadable ({err}); --retrain makes it "
+                               f"again") from None
         if array.shape[0] != len(ids) or array.ndim != 4:
             raise TeacherError(f"fold {fold}: {folder / f'{split}.npy'} has shape {array.shape} for {len(ids)} ids")
         arrays[split], rows[split] = array, {image_id: i for i, image_id in enumerate(ids)}

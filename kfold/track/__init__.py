@@ -82,15 +82,14 @@ def tracker_links(record: Mapping[str, Any]) -> str:
 
 
 def check_folder(folder: Path) -> Path:
-    """Make ``folder`` (and its parents) and refuse it when it is not writable: by the process, or, for root, whom
-    permissions do not stop, by anyone (a folder the user made read-only is meant to be left alone)."""
+    """Make ``folder`` (and its parents) unless it, or the nearest folder above it that exists, is not writable: by
+    the process, or, for root, whom permissions do not stop, by anyone (a folder the user made read-only is meant
+    to be left alone, and root could otherwise create inside it)."""
     folder = Path(folder)
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not os.access(existing, os.W_OK) or not existing.stat().st_mode & 0o222:
+        raise PermissionError(f"{existing}: not writable")
     folder.mkdir(parents=True, exist_ok=True)
-    for path in (folder, *folder.parents):
-        if path.exists():
-            if not os.access(path, os.W_OK) or not path.stat().st_mode & 0o222:
-                raise PermissionError(f"{path}: not writable")
-            return folder
     return folder
 
 
